@@ -21,3 +21,43 @@ from tutorial.common import (  # noqa: F401
     weights_label,
     workdir,
 )
+from tutorial.export import (  # noqa: F401
+    check_loadable_by_triton,
+    convert_saved_model,
+    empty_past,
+    export_with_past,
+    greedy_with_past,
+    onnx_signature,
+    ort_logits,
+    ort_session,
+    print_signature,
+    quantize_int8,
+    trim_to_last_logits,
+)
+from tutorial.model_source import (  # noqa: F401
+    build_random_model,
+    count_parameters,
+    folder_size,
+    hub_reachable,
+    import_tensorflow,
+    load_tf_model,
+    load_tokenizer,
+    offline_vocab_files,
+    resolve_model_source,
+    save_offline_vocab,
+)
+from tutorial.repository import (  # noqa: F401
+    OCI_ARTIFACT_ROOT,
+    OCI_REPOSITORY_PATH,
+    assemble_repository,
+    bytes_per_step,
+    load_config,
+    pack_artifact,
+    validate_repository,
+)
+from tutorial.triton_local import (  # noqa: F401
+    NGC_IMAGE,
+    TritonServer,
+    docker_available,
+    start_local_triton,
+)

@@ -1,0 +1,262 @@
+"""Start and stop a real Triton server on this machine (notebook 04, tests).
+
+Two runtimes:
+- ``docker``: the pinned NGC image (Triton 24.10 = 2.51.0, python + onnxruntime backends),
+  when a Docker engine answers.
+- ``bundled``: the real ``tritonserver`` 2.51.0 that the nvidia-pytriton wheel ships, with the
+  python backend only. Each ``onnxruntime_onnx`` model is then served by a python-backend
+  model running the same ``model.onnx`` in the onnxruntime pip package, with a config derived
+  from the real one (same name, inputs, outputs, dtypes, dims).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tutorial.common import TutorialError, workdir
+
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+SHIM_MODEL = Path(__file__).with_name("onnx_shim_model.py")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def docker_available() -> bool:
+    """True when a Docker engine answers (not just the client being installed)."""
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def bundled_server_dir() -> Path:
+    """A runnable copy of the tritonserver tree from the nvidia-pytriton wheel.
+
+    The wheel keeps the python backend stubs per Python version; the one for this Python is
+    put where the backend looks for it. Made once under the work folder.
+    """
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise TutorialError("The bundled Triton needs nvidia-pytriton: pip install -r requirements.txt") from exc
+    src = Path(pytriton.__file__).parent / "tritonserver"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = src / "python_backend_stubs" / py / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TutorialError(f"nvidia-pytriton has no python backend stub for Python {py}.")
+    dest = workdir() / "tritonserver"
+    marker = dest / ".complete"
+    if not marker.exists():
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
+        shutil.copy2(stub, dest / "backends" / "python" / "triton_python_backend_stub")
+        marker.touch()
+    return dest
+
+
+def local_repository(repository: Path, dest: Path) -> list[str]:
+    """Derive a repository the bundled (python-only) Triton can serve from the real one.
+
+    Python-backend models and ensembles are linked unchanged; each ``onnxruntime_onnx`` model
+    gets ``backend: "python"``, KIND_CPU, and :mod:`tutorial.onnx_shim_model` as ``model.py``
+    beside a link to the same ``model.onnx``. Returns the names of the converted models.
+    """
+    from tutorial.repository import load_config, set_instance_kind, write_config
+
+    converted = []
+    dest.mkdir(parents=True, exist_ok=True)
+    for model_dir in sorted(p for p in Path(repository).iterdir() if (p / "config.pbtxt").exists()):
+        config = load_config(model_dir / "config.pbtxt")
+        if config.platform != "onnxruntime_onnx":
+            (dest / model_dir.name).symlink_to(model_dir.resolve(), target_is_directory=True)
+            continue
+        out = dest / model_dir.name / "1"
+        out.mkdir(parents=True)
+        config.parameters["onnx_model_filename"].string_value = (
+            config.default_model_filename or "model.onnx"
+        )
+        config.default_model_filename = ""
+        config.platform = ""
+        config.backend = "python"
+        set_instance_kind(config, "KIND_CPU")
+        write_config(config, dest / model_dir.name / "config.pbtxt")
+        for item in (model_dir / "1").iterdir():
+            (out / item.name).symlink_to(item.resolve())
+        shutil.copyfile(SHIM_MODEL, out / "model.py")
+        converted.append(model_dir.name)
+    return converted
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Ask Linux to SIGTERM the server if the process that started it dies."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class TritonServer:
+    """A running Triton: its URL, runtime, process and log."""
+
+    url: str
+    runtime: str
+    process: subprocess.Popen
+    log_path: Path
+    converted: list[str] = field(default_factory=list)
+    started_s: float = 0.0
+    container: str | None = None
+    _tmp: tempfile.TemporaryDirectory | None = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the server log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the server and every process it started (python backend stubs)."""
+        if self.container:
+            subprocess.run(["docker", "stop", "-t", "10", self.container], capture_output=True)
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        try:  # stubs left in the group after the server exited
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def wait_until_ready(server: TritonServer, timeout: float) -> None:
+    """Poll ``/v2/health/ready``; on timeout or exit, raise with the end of the server log."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise TutorialError(
+                f"Triton exited with code {server.process.returncode} while starting; its log "
+                f"({server.log_path}) ends with:\n{server.log_tail()}"
+            )
+        try:
+            if requests.get(f"{server.url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise TutorialError(
+        f"Triton did not become ready in {timeout:.0f} s; its log ({server.log_path}) ends "
+        f"with:\n{server.log_tail()}"
+    )
+
+
+def _launch_bundled(repository: Path, http_port: int, log_path: Path) -> TritonServer:
+    server_dir = bundled_server_dir()
+    tmp = tempfile.TemporaryDirectory(prefix="triton-repo-")
+    converted = local_repository(repository, Path(tmp.name))
+    import pytriton
+
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    cmd = [
+        str(server_dir / "bin" / "tritonserver"),
+        f"--model-repository={tmp.name}",
+        f"--backend-directory={server_dir / 'backends'}",
+        f"--cache-directory={server_dir / 'caches'}",
+        f"--http-port={http_port}",
+        "--http-address=127.0.0.1",
+        "--allow-grpc=false",
+        "--allow-metrics=false",
+        "--log-verbose=0",
+    ]
+    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until it stops
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+    log.close()
+    return TritonServer(f"http://127.0.0.1:{http_port}", "bundled", proc, log_path, converted, _tmp=tmp)
+
+
+def _launch_docker(repository: Path, http_port: int, log_path: Path, image: str) -> TritonServer:
+    name = f"tutorial-triton-{http_port}"
+    cmd = [
+        "docker", "run", "--rm", "--name", name, "--shm-size=1g",
+        "-p", f"127.0.0.1:{http_port}:8000",
+        "-v", f"{Path(repository).resolve()}:/opt/ds/model/deployed_model/model_repository:ro",
+        image, "tritonserver", "--model-repository=/opt/ds/model/deployed_model/model_repository",
+    ]  # fmt: skip
+    log = open(log_path, "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    log.close()
+    return TritonServer(f"http://127.0.0.1:{http_port}", "docker", proc, log_path, container=name)
+
+
+@contextmanager
+def start_local_triton(
+    repository: Path,
+    runtime: str = "auto",
+    timeout: float = 180.0,
+    http_port: int | None = None,
+    image: str | None = None,
+    log_path: Path | None = None,
+) -> Iterator[TritonServer]:
+    """Serve ``repository`` on 127.0.0.1 and stop the server when the block ends, also on error.
+
+    ``runtime``: ``auto`` (Docker when an engine answers, else bundled), ``docker`` or
+    ``bundled``. ``image`` is the Docker image (default: the tutorial's image built in notebook
+    05 if the state file names one, else the NGC image, which lacks the tokenizer package).
+    """
+    if runtime not in ("auto", "docker", "bundled"):
+        raise TutorialError(f"runtime must be 'auto', 'docker' or 'bundled', not {runtime!r}.")
+    if runtime == "auto":
+        runtime = "docker" if docker_available() else "bundled"
+    port = http_port or free_port()
+    logs = workdir() / "logs"
+    logs.mkdir(exist_ok=True)
+    log_path = log_path or logs / f"triton-{port}.log"
+    start = time.monotonic()
+    if runtime == "docker":
+        if image is None:
+            from tutorial.common import load_state
+
+            image = load_state().get("image", {}).get("reference") or NGC_IMAGE
+        server = _launch_docker(repository, port, log_path, image)
+    else:
+        server = _launch_bundled(repository, port, log_path)
+    try:
+        wait_until_ready(server, timeout)
+        server.started_s = time.monotonic() - start
+        yield server
+    finally:
+        server.stop()
