@@ -61,3 +61,33 @@ from tutorial.triton_local import (  # noqa: F401
     docker_available,
     start_local_triton,
 )
+from tutorial.registry import (  # noqa: F401
+    DOCKERFILE,
+    TRITON_BASE_IMAGE,
+    TRITON_CMD,
+    ContainerEngine,
+    build_image,
+    check_image_reference,
+    find_engine,
+    image_reference,
+    ocir_host,
+    ocir_username,
+    push_image,
+    record_image,
+    registry_login,
+    registry_logout,
+    remove_local_image,
+)
+from tutorial.client import (  # noqa: F401
+    infer_json,
+    launch_local_triton,
+    model_stats,
+    next_token_requests,
+    next_token_tritonclient,
+    reference_generate,
+    reference_text_loop,
+    retokenizes_same,
+    seed_payload,
+    stats_table,
+    text_loop,
+)

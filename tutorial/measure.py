@@ -10,7 +10,6 @@ rows carry the server's queue and compute time next to the client's wall time.
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import statistics
 import subprocess
@@ -83,7 +82,8 @@ class PromptMaker:
     def __init__(self, tokenizer: Any, max_positions: int = 1024) -> None:
         self.tokenizer = tokenizer
         self.max_positions = max_positions
-        self._base = list(tokenizer.encode(PROMPT_TEXT))
+        self._text = PROMPT_TEXT.strip()
+        self._base = list(tokenizer.encode(self._text))
 
     @classmethod
     def from_workdir(cls) -> PromptMaker:
@@ -103,7 +103,8 @@ class PromptMaker:
         """A prompt of ``n_tokens`` tokens (re-encoded, so the ids are what the server sees)."""
         if n_tokens < 1:
             raise TutorialError("a prompt needs at least 1 token.")
-        ids = self._base * (n_tokens // len(self._base) + 1)
+        repeats = n_tokens // len(self._base) + 2
+        ids = self.tokenizer.encode(" ".join([self._text] * repeats))
         text = self.tokenizer.decode(ids[:n_tokens])
         return Prompt(text, list(self.tokenizer.encode(text)))
 

@@ -197,12 +197,11 @@ def create_model(
 class ProgressReader:
     """A read-only file wrapper that reports progress and never returns more than one chunk.
 
-    The SDK reads the stream twice: once to hash it for the request signature
-    (``x-content-sha256``), then to send it; each pass rewinds to 0 and restarts the bar.
-    Reads are capped at ``chunk`` bytes, so memory stays flat whatever the artifact's size.
+    ``create_model_artifact`` is signed without the body headers (like Object Storage
+    uploads), so the SDK reads the stream once, while sending it. Reads are capped at
+    ``chunk`` bytes, so memory stays flat whatever the artifact's size; if the SDK retries
+    and rewinds, the bar starts again.
     """
-
-    PASSES = ("hashing for the signature", "uploading")
 
     def __init__(self, path: Path, chunk: int = UPLOAD_CHUNK_BYTES, bar: Any = None) -> None:
         from tqdm import tqdm
@@ -213,22 +212,20 @@ class ProgressReader:
         self.max_read = 0
         self.passes = 0
         self.bar = bar or tqdm(
-            total=self.size, unit="B", unit_scale=True, unit_divisor=1024, desc=self.PASSES[0]
+            total=self.size, unit="B", unit_scale=True, unit_divisor=1024, desc="uploading"
         )
 
     def read(self, size: int = -1) -> bytes:
         """Read at most one chunk."""
         if size is None or size < 0 or size > self.chunk:
             size = self.chunk
+        start = self._file.tell()
         data = self._file.read(size)
-        if data and self._file.tell() - len(data) == 0:
+        if data and start == 0:
             self.passes += 1
             if self.passes > 1:
                 self.bar.reset(total=self.size)
-            desc = self.PASSES[min(self.passes, len(self.PASSES)) - 1]
-            if self.passes > len(self.PASSES):
-                desc = f"uploading (retry {self.passes - len(self.PASSES)})"
-            self.bar.set_description(desc)
+                self.bar.set_description(f"uploading (retry {self.passes - 1})")
         self.max_read = max(self.max_read, len(data))
         self.bar.update(len(data))
         return data

@@ -117,8 +117,31 @@ def assemble_repository(
             if before != [g.kind for g in config.instance_group]:
                 changes.append(f"{name}: instance kind -> {instance_kind}")
         write_config(config, dest / "config.pbtxt")
+    changes += _set_empty_past_shapes(target, onnx_models)
     if model_info is not None:
         (target / "MODEL_INFO.json").write_text(json.dumps(model_info, indent=2, sort_keys=True))
+    return changes
+
+
+def _set_empty_past_shapes(target: Path, onnx_models: dict[str, Path]) -> list[str]:
+    """Tell each BLS model that drives a step model (parameter ``step_model``) the shape of an
+    empty KV cache, read from that model's ONNX ``past`` input: [n_layer, 2, 1, n_head, 0, d]."""
+    from tutorial.export import onnx_signature
+
+    changes = []
+    for cfg_path in sorted(target.glob("*/config.pbtxt")):
+        config = load_config(cfg_path)
+        if "step_model" not in config.parameters:
+            continue
+        step = config.parameters["step_model"].string_value
+        if step not in onnx_models:
+            raise TutorialError(f"{config.name} drives '{step}', which has no ONNX file.")
+        past = next(v for v in onnx_signature(onnx_models[step])["inputs"] if v["name"] == "past")
+        n_layer, two, _, n_head, _, head_dim = past["dims"]
+        shape = f"{n_layer},{two},1,{n_head},0,{head_dim}"
+        config.parameters["empty_past_shape"].string_value = shape
+        write_config(config, cfg_path)
+        changes.append(f"{config.name}: empty_past_shape = [{shape}]")
     return changes
 
 

@@ -1,0 +1,62 @@
+"""Draw images/pipeline.png: the models in the Triton repository and what flows between them.
+
+Run: .venv/bin/python images/make_pipeline.py
+"""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
+
+BOXES = {
+    # name: (x, y, w, h, label, color)
+    "client": (0.1, 3.1, 1.5, 1.0, "client\n(notebook 04 / 06)", "#eeeeee"),
+    "encoder": (2.6, 3.1, 1.8, 1.0, "encoder\npython, CPU\ntext -> token ids", "#cfe2f3"),
+    "gpt2": (5.9, 3.1, 1.8, 1.0, "gpt2\nonnxruntime, GPU|CPU\n-> last_logits", "#d9ead3"),
+    "decoder": (9.2, 3.1, 1.8, 1.0, "decoder\npython, CPU\nargmax -> text", "#cfe2f3"),
+    "generate": (2.6, 0.6, 1.8, 1.0, "generate (BLS)\npython, CPU\nloop + KV cache", "#fce5cd"),
+    "past": (5.9, 0.6, 1.8, 1.0, "gpt2_with_past\nonnxruntime\nfp32 GPU | int8 CPU", "#d9ead3"),
+}
+ARROWS = [
+    ("client", "encoder", "TEXT\nBYTES [1]"),
+    ("encoder", "gpt2", "input_ids, attention_mask\nINT32 [1, L]"),
+    ("gpt2", "decoder", "last_logits\nFP32 [1, 50257]"),
+    ("client", "generate", "TEXT, MAX_NEW_TOKENS"),
+    ("generate", "past", "ids, mask, past\n<-> logits, present"),
+]
+
+
+def main(out: Path = Path(__file__).with_name("pipeline.png")) -> Path:
+    fig, ax = plt.subplots(figsize=(11, 5))
+    ax.set_xlim(0, 11.4)
+    ax.set_ylim(0, 5.2)
+    ax.axis("off")
+    ax.add_patch(FancyBboxPatch((2.4, 2.8), 8.9, 1.6, boxstyle="round,pad=0.05", fc="none", ec="#888", ls="--"))
+    ax.text(2.5, 4.5, "ensemble_model: one call = one next token (the seed's interface)", fontsize=9)
+    ax.add_patch(FancyBboxPatch((2.4, 0.3), 5.5, 1.6, boxstyle="round,pad=0.05", fc="none", ec="#888", ls="--"))
+    ax.text(2.5, 2.0, "generate: one call = N tokens, cache kept on the server", fontsize=9)
+    for x, y, w, h, label, color in BOXES.values():
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.05", fc=color, ec="#333"))
+        ax.text(x + w / 2, y + h / 2, label, ha="center", va="center", fontsize=8.5)
+    for a, b, label in ARROWS:
+        ax_, ay, aw, ah = BOXES[a][:4]
+        bx, by, bw, bh = BOXES[b][:4]
+        if ay == by:
+            start, end = (ax_ + aw + 0.05, ay + ah / 2), (bx - 0.05, by + bh / 2)
+            tx, ty = (start[0] + end[0]) / 2, ay + ah / 2 + 0.08
+        else:
+            start, end = (ax_ + aw / 2, ay - 0.05), (bx - 0.05, by + bh / 2)
+            tx, ty = 1.0, 1.5
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, color="#333"))
+        ax.text(tx, ty, label, ha="center", va="bottom", fontsize=7.5, color="#222")
+    ax.set_title("GPT-2 on Triton: the model repository served locally and on OCI", fontsize=11)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    print(main())

@@ -1,0 +1,110 @@
+"""Triton python backend (BLS): greedy generation with a KV cache, the loop on the server.
+
+One request in, N tokens out: tokenize once, prefill through `gpt2_with_past` with an empty
+cache, then feed one token per step with the cache it returned. The ONNX model does the math
+(on the GPU in a GPU deployment); this model only loops. Imports nothing from the repository.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import ByteLevelBPETokenizer
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+class InputError(ValueError):
+    """A request the client must fix (answered with HTTP 400)."""
+
+
+def read_text(request) -> str:
+    values = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+    if values.size != 1:
+        raise InputError(f"TEXT must hold exactly one string, got {values.size}")
+    value = values[0]
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"TEXT is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not isinstance(value, str) or value == "":
+        raise InputError("TEXT is empty: send at least one character")
+    return value
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        here = Path(args["model_repository"]) / args["model_version"]
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        self.step_model = params["step_model"]
+        self.default_new = int(params["default_max_new_tokens"])
+        self.limit = int(params["max_new_tokens_limit"])
+        self.context = int(params["max_context_tokens"])
+        self.past_shape = [int(d) for d in params["empty_past_shape"].split(",")]
+        self.tokenizer = ByteLevelBPETokenizer(str(here / "vocab.json"), str(here / "merges.txt"))
+        self.tokenizer.add_special_tokens([END_OF_TEXT])
+        self.eos = self.tokenizer.token_to_id(END_OF_TEXT)
+
+    def max_new_tokens(self, request) -> int:
+        tensor = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
+        if tensor is None:
+            return self.default_new
+        values = tensor.as_numpy().reshape(-1)
+        if values.size != 1 or not (1 <= int(values[0]) <= self.limit):
+            got = values.tolist() if values.size != 1 else int(values[0])
+            raise InputError(f"MAX_NEW_TOKENS must be one integer from 1 to {self.limit}, got {got}")
+        return int(values[0])
+
+    def step(self, ids, length, past):
+        """One call of the ONNX model through BLS: logits of the last position, new cache."""
+        inputs = [
+            pb_utils.Tensor("input_ids", np.asarray([ids], dtype=np.int32)),
+            pb_utils.Tensor("attention_mask", np.ones((1, length), dtype=np.int32)),
+            past,
+        ]
+        request = pb_utils.InferenceRequest(
+            model_name=self.step_model,
+            requested_output_names=["logits", "present"],
+            inputs=inputs,
+            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{self.step_model} failed: {response.error().message()}")
+        logits = pb_utils.get_output_tensor_by_name(response, "logits").as_numpy()
+        present = pb_utils.get_output_tensor_by_name(response, "present")
+        return logits, pb_utils.Tensor("past", present.as_numpy())
+
+    def generate(self, request):
+        text = read_text(request)
+        max_new = self.max_new_tokens(request)
+        prompt = self.tokenizer.encode(text).ids[-(self.context - 1) :]
+        past = pb_utils.Tensor("past", np.zeros(self.past_shape, dtype=np.float32))
+        ids, length, new = prompt, len(prompt), []
+        while len(new) < max_new and length <= self.context:
+            logits, past = self.step(ids, length, past)
+            token = int(np.argmax(logits[0]))
+            new.append(token)
+            if token == self.eos or length == self.context:
+                break
+            ids, length = [token], length + 1
+        generated = self.tokenizer.decode(new, skip_special_tokens=False)
+        return [
+            pb_utils.Tensor("GENERATED_TEXT", np.asarray([generated.encode("utf-8")], dtype=object)),
+            pb_utils.Tensor("TOKEN_IDS", np.asarray(new, dtype=np.int64)),
+        ]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=self.generate(request)))
+            except InputError as exc:
+                error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+            except Exception as exc:  # the step model's own error, passed on
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+        return responses
