@@ -29,14 +29,27 @@ ARROWS = [
 ]
 
 
-def main(out: Path = Path(__file__).with_name("pipeline.png")) -> Path:
+OUT = Path(__file__).with_name("pipeline.png")
+
+
+def main(out: Path = OUT) -> Path:
     fig, ax = plt.subplots(figsize=(11, 5))
     ax.set_xlim(0, 11.4)
     ax.set_ylim(0, 5.2)
     ax.axis("off")
-    ax.add_patch(FancyBboxPatch((2.4, 2.8), 8.9, 1.6, boxstyle="round,pad=0.05", fc="none", ec="#888", ls="--"))
-    ax.text(2.5, 4.5, "ensemble_model: one call = one next token (the seed's interface)", fontsize=9)
-    ax.add_patch(FancyBboxPatch((2.4, 0.3), 5.5, 1.6, boxstyle="round,pad=0.05", fc="none", ec="#888", ls="--"))
+    ax.add_patch(
+        FancyBboxPatch(
+            (2.4, 2.8), 8.9, 1.6, boxstyle="round,pad=0.05", fc="none", ec="#888", ls="--"
+        )
+    )
+    ax.text(
+        2.5, 4.5, "ensemble_model: one call = one next token (the seed's interface)", fontsize=9
+    )
+    ax.add_patch(
+        FancyBboxPatch(
+            (2.4, 0.3), 5.5, 1.6, boxstyle="round,pad=0.05", fc="none", ec="#888", ls="--"
+        )
+    )
     ax.text(2.5, 2.0, "generate: one call = N tokens, cache kept on the server", fontsize=9)
     for x, y, w, h, label, color in BOXES.values():
         ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.05", fc=color, ec="#333"))

@@ -47,11 +47,15 @@ def next_token_tritonclient(client: Any, text: str) -> str:
 
     inp = httpclient.InferInput("TEXT", [1], "BYTES")
     inp.set_data_from_numpy(np.asarray([text.encode("utf-8")], dtype=object))
-    result = client.infer("ensemble_model", [inp], outputs=[httpclient.InferRequestedOutput("NEXT_TOKEN")])
+    result = client.infer(
+        "ensemble_model", [inp], outputs=[httpclient.InferRequestedOutput("NEXT_TOKEN")]
+    )
     return result.as_numpy("NEXT_TOKEN")[0].decode("utf-8")
 
 
-def text_loop(next_token: Callable[[str], str], prompt: str, new_tokens: int) -> tuple[str, list[str]]:
+def text_loop(
+    next_token: Callable[[str], str], prompt: str, new_tokens: int
+) -> tuple[str, list[str]]:
     """The seed's client loop, fixed: the token text is appended as is (no extra space).
 
     Returns the whole text and the list of token texts, one per call.

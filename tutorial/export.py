@@ -108,7 +108,9 @@ def onnx_signature(path: Path) -> dict[str, Any]:
 def print_signature(path: Path) -> dict[str, Any]:
     """Print an ONNX file's signature as a small table and return it."""
     sig = onnx_signature(path)
-    print(f"{Path(path).name}: {sig['bytes'] / 1e6:.1f} MB, IR {sig['ir_version']}, opset {sig['opset']}")
+    print(
+        f"{Path(path).name}: {sig['bytes'] / 1e6:.1f} MB, IR {sig['ir_version']}, opset {sig['opset']}"
+    )
     for kind in ("inputs", "outputs"):
         for v in sig[kind]:
             print(f"  {kind[:-1]:6} {v['name']:<18} {v['dtype']:<6} {v['dims']}")
@@ -158,7 +160,9 @@ def trim_to_last_logits(full: Path, output: Path) -> dict[str, Any]:
             helper.make_node("GatherND", ["logits", "trim_last"], ["last_logits"], batch_dims=1),
         ]
     )
-    out = helper.make_tensor_value_info("last_logits", TensorProto.FLOAT, ["batch", vocab.dim_value])
+    out = helper.make_tensor_value_info(
+        "last_logits", TensorProto.FLOAT, ["batch", vocab.dim_value]
+    )
     del graph.output[:]
     graph.output.append(out)
     prune_unused(graph)
@@ -192,9 +196,7 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(
-        str(path), opts, providers=providers or ["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
 def input_dtype(session: Any, name: str) -> Any:

@@ -60,10 +60,10 @@ _HOST = re.compile(
     r"(?::[0-9]+)?"
 )
 _PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
+_TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _REGION_KEY = re.compile(r"[a-z]{3}")
-_REGION_ID = re.compile(r"[a-z]{2,}-[a-z]+-\d+")
+_REGION_ID = re.compile(r"[a-z]{2,}(?:-[a-z]+)+-\d+")  # us-ashburn-1, us-gov-ashburn-1
 # What engines print when a registry refuses credentials or an upload.
 _REFUSED = re.compile(
     r"unauthorized|authentication required|invalid username/password|incorrect username"
@@ -103,7 +103,8 @@ def ocir_host(region: str) -> str:
     """The OCIR host for a region: ``iad`` or ``us-ashburn-1`` -> ``iad.ocir.io``.
 
     Accepts a region key (three letters), a region identifier (mapped to its key with the OCI
-    SDK's region table), or a full ``<key>.ocir.io`` host.
+    SDK's region table), or a full ``<key>.ocir.io`` host. That is the commercial realm's
+    naming; elsewhere (government realms) give the registry host itself as ``REGISTRY_HOST``.
     """
     value = (region or "").strip().lower()
     if value.endswith(".ocir.io"):

@@ -177,13 +177,11 @@ def validate_repository(repo: Path) -> dict[str, Any]:
             ]
         if config.platform == "onnxruntime_onnx":
             problems += _check_onnx(config, model_dir / "1" / "model.onnx", onnx_signature)
-    for name, config in configs.items():
+    for config in configs.values():
         if config.platform == "ensemble":
             problems += _check_ensemble(config, configs)
     if problems:
-        raise TutorialError(
-            "The model repository has problems:\n  - " + "\n  - ".join(problems)
-        )
+        raise TutorialError("The model repository has problems:\n  - " + "\n  - ".join(problems))
     return configs
 
 
@@ -204,20 +202,31 @@ def _check_onnx(config: Any, path: Path, signature_of: Any) -> list[str]:
                 problems.append(f"{where} is not in the ONNX model (it has {sorted(real)})")
                 continue
             want = real[tensor.name]
-            got = CONFIG_TO_ONNX_DTYPE.get(dtype_name(tensor.data_type), dtype_name(tensor.data_type))
+            got = CONFIG_TO_ONNX_DTYPE.get(
+                dtype_name(tensor.data_type), dtype_name(tensor.data_type)
+            )
             if got != want["dtype"]:
-                problems.append(f"{where} is {got} in config.pbtxt but {want['dtype']} in the ONNX model")
+                problems.append(
+                    f"{where} is {got} in config.pbtxt but {want['dtype']} in the ONNX model"
+                )
             dims = want["dims"][1:] if batched else want["dims"]
             if batched and want["dims"][:1] != [-1]:
-                problems.append(f"{where}: max_batch_size > 0 needs a dynamic first dim in the model")
+                problems.append(
+                    f"{where}: max_batch_size > 0 needs a dynamic first dim in the model"
+                )
             cfg_dims = list(tensor.dims)
             if len(cfg_dims) != len(dims) or any(
                 m != -1 and c != m for c, m in zip(cfg_dims, dims)
             ):
-                problems.append(f"{where} has dims {cfg_dims} in config.pbtxt but {dims} in the ONNX model")
+                problems.append(
+                    f"{where} has dims {cfg_dims} in config.pbtxt but {dims} in the ONNX model"
+                )
         if kind == "input":
             missing = set(real) - {t.name for t in cfg_values}
-            problems += [f"{config.name}: ONNX input '{m}' is missing from config.pbtxt" for m in sorted(missing)]
+            problems += [
+                f"{config.name}: ONNX input '{m}' is missing from config.pbtxt"
+                for m in sorted(missing)
+            ]
     return problems
 
 
@@ -257,16 +266,25 @@ def _check_ensemble(config: Any, configs: dict[str, Any]) -> list[str]:
         if name not in available:
             problems.append(f"{config.name}: output '{name}' is not produced by any step")
         elif available[name] != tensor.data_type:
-            problems.append(f"{config.name}: output '{name}' dtype differs from the step producing it")
+            problems.append(
+                f"{config.name}: output '{name}' dtype differs from the step producing it"
+            )
     return problems
 
 
-def bytes_per_step(n_layer: int, n_head: int, n_embd: int, vocab: int, length: int) -> dict[str, int]:
+def bytes_per_step(
+    n_layer: int, n_head: int, n_embd: int, vocab: int, length: int
+) -> dict[str, int]:
     """Bytes gpt2 hands the decoder per ensemble call, before and after trimming (fp32)."""
     head_dim = n_embd // n_head
     logits = length * vocab * 4
     past = n_layer * 2 * n_head * length * head_dim * 4
-    return {"seed_logits": logits, "seed_past": past, "seed_total": logits + past, "trimmed": vocab * 4}
+    return {
+        "seed_logits": logits,
+        "seed_past": past,
+        "seed_total": logits + past,
+        "trimmed": vocab * 4,
+    }
 
 
 def pack_artifact(repo: Path, zip_path: Path) -> dict[str, Any]:

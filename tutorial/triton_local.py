@@ -57,7 +57,9 @@ def bundled_server_dir() -> Path:
     try:
         import pytriton
     except ImportError as exc:
-        raise TutorialError("The bundled Triton needs nvidia-pytriton: pip install -r requirements.txt") from exc
+        raise TutorialError(
+            "The bundled Triton needs nvidia-pytriton: pip install -r requirements.txt"
+        ) from exc
     src = Path(pytriton.__file__).parent / "tritonserver"
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = src / "python_backend_stubs" / py / "triton_python_backend_stub"
@@ -67,7 +69,9 @@ def bundled_server_dir() -> Path:
     marker = dest / ".complete"
     if not marker.exists():
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
+        shutil.copytree(
+            src, dest, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__")
+        )
         shutil.copy2(stub, dest / "backends" / "python" / "triton_python_backend_stub")
         marker.touch()
     return dest
@@ -203,9 +207,13 @@ def _launch_bundled(repository: Path, http_port: int, log_path: Path) -> TritonS
         "--log-verbose=0",
     ]
     log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until it stops
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+    )
     log.close()
-    return TritonServer(f"http://127.0.0.1:{http_port}", "bundled", proc, log_path, converted, _tmp=tmp)
+    return TritonServer(
+        f"http://127.0.0.1:{http_port}", "bundled", proc, log_path, converted, _tmp=tmp
+    )
 
 
 def _launch_docker(repository: Path, http_port: int, log_path: Path, image: str) -> TritonServer:

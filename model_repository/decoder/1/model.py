@@ -23,5 +23,7 @@ class TritonPythonModel:
             token = int(np.argmax(logits[-1]))
             text = self.tokenizer.decode([token], skip_special_tokens=False)
             out = np.asarray([text.encode("utf-8")], dtype=object)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("NEXT_TOKEN", out)]))
+            responses.append(
+                pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("NEXT_TOKEN", out)])
+            )
         return responses

@@ -25,7 +25,9 @@ def read_text(tensor) -> str:
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ValueError(f"TEXT is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            raise ValueError(
+                f"TEXT is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
     if not isinstance(value, str) or value == "":
         raise ValueError("TEXT is empty: send at least one character")
     return value
@@ -39,7 +41,8 @@ class TritonPythonModel:
         self.tokenizer = ByteLevelBPETokenizer(str(here / "vocab.json"), str(here / "merges.txt"))
         self.tokenizer.add_special_tokens([END_OF_TEXT])  # as GPT-2's tokenizer treats it
         self.dtypes = {
-            out["name"]: pb_utils.triton_string_to_numpy(out["data_type"]) for out in config["output"]
+            out["name"]: pb_utils.triton_string_to_numpy(out["data_type"])
+            for out in config["output"]
         }
 
     def execute(self, requests):

@@ -28,7 +28,9 @@ def read_text(request) -> str:
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InputError(f"TEXT is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            raise InputError(
+                f"TEXT is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
     if not isinstance(value, str) or value == "":
         raise InputError("TEXT is empty: send at least one character")
     return value
@@ -55,7 +57,9 @@ class TritonPythonModel:
         values = tensor.as_numpy().reshape(-1)
         if values.size != 1 or not (1 <= int(values[0]) <= self.limit):
             got = values.tolist() if values.size != 1 else int(values[0])
-            raise InputError(f"MAX_NEW_TOKENS must be one integer from 1 to {self.limit}, got {got}")
+            raise InputError(
+                f"MAX_NEW_TOKENS must be one integer from 1 to {self.limit}, got {got}"
+            )
         return int(values[0])
 
     def step(self, ids, length, past):
@@ -93,7 +97,9 @@ class TritonPythonModel:
             ids, length = [token], length + 1
         generated = self.tokenizer.decode(new, skip_special_tokens=False)
         return [
-            pb_utils.Tensor("GENERATED_TEXT", np.asarray([generated.encode("utf-8")], dtype=object)),
+            pb_utils.Tensor(
+                "GENERATED_TEXT", np.asarray([generated.encode("utf-8")], dtype=object)
+            ),
             pb_utils.Tensor("TOKEN_IDS", np.asarray(new, dtype=np.int64)),
         ]
 

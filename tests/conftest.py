@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny offline GPT-2 pipeline (notebooks 01-03) and a real Triton serving it.
+
+The tiny model has GPT-2's tokenizer, vocabulary and context, 2 layers and random weights, so
+notebooks and servers run in seconds; every generated token is still checked against
+transformers on the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def run_notebook(name: str, out_dir: Path, **parameters) -> Path:
+    """Execute notebooks/<name>.ipynb with papermill (cwd notebooks/), like `make run` does."""
+    import papermill
+
+    out = out_dir / f"{name}.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / f"{name}.ipynb"),
+        str(out),
+        parameters=parameters,
+        cwd=str(ROOT / "notebooks"),
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory) -> Path:
+    """TUTORIAL_WORKDIR with notebooks 01-03 run on the tiny offline model (CPU instances)."""
+    work = tmp_path_factory.mktemp("tiny")
+    previous = os.environ.get("TUTORIAL_WORKDIR")
+    os.environ["TUTORIAL_WORKDIR"] = str(work)
+    executed = work / "executed"
+    executed.mkdir()
+    run_notebook("01_download_gpt2", executed, MODEL_SOURCE="offline", OFFLINE_SIZE="tiny")
+    run_notebook("02_export_onnx", executed)
+    run_notebook("03_model_repository", executed, INSTANCE_KIND="KIND_CPU")
+    yield work
+    if previous is None:
+        os.environ.pop("TUTORIAL_WORKDIR", None)
+    else:
+        os.environ["TUTORIAL_WORKDIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_workdir):
+    """A real Triton (bundled 2.51.0) serving the tiny repository; stopped after the session."""
+    from tutorial.triton_local import start_local_triton
+
+    with start_local_triton(tiny_workdir / "model_repository", runtime="bundled") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_workdir):
+    """transformers (TensorFlow) on the same tiny weights, and the tokenizer."""
+    from tutorial.model_source import load_tf_model, load_tokenizer
+
+    return load_tf_model(tiny_workdir / "gpt2model"), load_tokenizer(tiny_workdir / "vocab")

@@ -1,0 +1,147 @@
+"""Unit tests of the helpers (fast: no server, small or no model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tutorial.common import TutorialError
+
+
+def test_import_is_light_and_fast():
+    code = (
+        "import time, sys; t = time.perf_counter(); import helpers; "
+        "dt = time.perf_counter() - t; "
+        "heavy = [m for m in ('tensorflow', 'onnxruntime', 'oci', 'transformers', 'matplotlib') "
+        "if m in sys.modules]; print(dt, heavy)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    seconds, heavy = out.stdout.split(" ", 1)
+    assert heavy.strip() == "[]", f"helpers imports heavy modules at import time: {heavy}"
+    assert float(seconds) < 1.0
+
+
+def test_offline_tokenizer_is_gpt2s(tmp_path):
+    from tutorial.model_source import load_tokenizer, save_offline_vocab
+
+    save_offline_vocab(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+    assert len(tok) == 50257
+    assert tok.decode([15496, 995]) == "Hello world"
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when the block ends
+
+
+def test_hub_unreachable_gives_clear_message(monkeypatch):
+    from tutorial.model_source import resolve_model_source
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(TutorialError) as err:
+        resolve_model_source("hub", timeout=2)
+    message = str(err.value)
+    assert "cannot be reached" in message
+    assert "MODEL_SOURCE='offline'" in message and "'auto'" in message
+    assert resolve_model_source("auto", timeout=2) == "offline"
+    with pytest.raises(TutorialError, match="MODEL_SOURCE must be one of"):
+        resolve_model_source("s3")
+
+
+@pytest.mark.slow
+def test_notebook01_hub_without_network_fails_with_the_message(tmp_path, monkeypatch):
+    import papermill
+
+    from tests.conftest import run_notebook
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("TUTORIAL_WORKDIR", str(tmp_path))
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        run_notebook("01_download_gpt2", tmp_path, MODEL_SOURCE="hub", HUB_TIMEOUT_S=2.0)
+    assert err.value.ename == "TutorialError"
+    assert "cannot be reached" in err.value.evalue
+    assert not (tmp_path / "gpt2model").exists()
+
+
+def test_state_file_round_trip(tmp_path, monkeypatch):
+    from tutorial import common
+
+    monkeypatch.setenv("TUTORIAL_WORKDIR", str(tmp_path))
+    with pytest.raises(TutorialError, match="run notebooks/01_download_gpt2.ipynb first"):
+        common.model_info()
+    common.update_state("model", weights="random-offline", size="tiny")
+    common.update_state("model", n_layer=2)
+    assert common.model_info() == {"weights": "random-offline", "size": "tiny", "n_layer": 2}
+    assert common.weights_label() == "random-offline"
+    assert json.loads((tmp_path / "state.json").read_text())["model"]["n_layer"] == 2
+
+
+def test_bytes_per_step_124m():
+    from tutorial.repository import bytes_per_step
+
+    b = bytes_per_step(n_layer=12, n_head=12, n_embd=768, vocab=50257, length=10)
+    assert b["seed_logits"] == 10 * 50257 * 4
+    assert b["seed_past"] == 12 * 2 * 12 * 10 * 64 * 4
+    assert b["trimmed"] == 50257 * 4
+
+
+def test_template_configs_parse_and_are_wired():
+    from tutorial.repository import load_config
+
+    names = sorted(p.parent.name for p in (ROOT / "model_repository").glob("*/config.pbtxt"))
+    assert names == ["decoder", "encoder", "ensemble_model", "generate", "gpt2", "gpt2_with_past"]
+    ens = load_config(ROOT / "model_repository" / "ensemble_model" / "config.pbtxt")
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["encoder", "gpt2", "decoder"]
+    assert [t.name for t in ens.input] == ["TEXT"] and ens.max_batch_size == 0
+
+
+def test_bad_config_is_named(tmp_path):
+    from tutorial.repository import validate_repository
+
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "config.pbtxt").write_text(
+        'name: "m"\nbackend: "python"\nmax_batch_size: 0\nbogus: 1\n'
+    )
+    with pytest.raises(TutorialError, match="is not a valid Triton model config"):
+        validate_repository(tmp_path)
+
+
+def test_model_py_files_import_nothing_from_the_repo():
+    for path in (ROOT / "model_repository").glob("*/1/model.py"):
+        text = path.read_text()
+        for name in ("helpers", "tutorial", "tensorflow", "transformers"):
+            assert f"import {name}" not in text and f"from {name}" not in text, (path, name)
+
+
+def test_validation_names_mismatches(tiny_workdir, tmp_path):
+    """A copy of the assembled repository, broken in several ways, is refused with each named."""
+    import shutil
+
+    from tutorial.repository import validate_repository
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_workdir / "model_repository", repo)
+    gpt2 = repo / "gpt2" / "config.pbtxt"
+    gpt2.write_text(gpt2.read_text().replace("TYPE_INT32", "TYPE_INT64", 1))
+    ens = repo / "ensemble_model" / "config.pbtxt"
+    ens.write_text(ens.read_text().replace('value: "last_logits"', 'value: "logits_typo"', 1))
+    (repo / "decoder" / "1" / "vocab.json").unlink()
+    with pytest.raises(TutorialError) as err:
+        validate_repository(repo)
+    message = str(err.value)
+    assert "gpt2: input 'input_ids' is INT64 in config.pbtxt but INT32 in the ONNX model" in message
+    assert "decoder: missing 1/vocab.json" in message
+    assert (
+        "ensemble_model step 3 (decoder): 'last_logits' is not produced before this step" in message
+    )

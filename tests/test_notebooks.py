@@ -1,0 +1,56 @@
+"""The notebooks run end to end on the tiny offline model (their asserts are checks too)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import nbformat
+import pytest
+
+from tests.conftest import run_notebook
+
+
+def outputs_text(path) -> str:
+    nb = nbformat.read(str(path), as_version=4)
+    chunks = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            chunks.append(out.get("text", "") or str(out.get("data", {}).get("text/plain", "")))
+    return "\n".join(chunks)
+
+
+@pytest.mark.slow
+def test_notebooks_01_to_03(tiny_workdir):
+    state = json.loads((tiny_workdir / "state.json").read_text())
+    assert state["model"]["weights"] == "random-offline"
+    assert state["model"]["n_layer"] == 2 and state["model"]["vocab_size"] == 50257
+    assert "RANDOM WEIGHTS" in outputs_text(tiny_workdir / "executed" / "01_download_gpt2.ipynb")
+    onnx = state["onnx"]
+    assert onnx["max_abs_diff"] < 1e-3 and onnx["greedy_tokens_equal"] is True
+    assert onnx["signature_full"]["inputs"][0]["dtype"] == "INT32"
+    assert [o["name"] for o in onnx["signature_last"]["outputs"]] == ["last_logits"]
+    assert (
+        onnx["signature_with_past"]["ir_version"] <= 10
+        and onnx["signature_with_past"]["opset"] <= 21
+    )
+    repo = state["repository"]
+    assert repo["weights"] == "random-offline"
+    with zipfile.ZipFile(repo["artifact_zip"]) as zf:
+        names = set(zf.namelist())
+    assert "model_repository/ensemble_model/config.pbtxt" in names
+    assert "model_repository/gpt2/1/model.onnx" in names
+    assert "model_repository/encoder/1/vocab.json" in names
+    info = json.loads((tiny_workdir / "model_repository" / "MODEL_INFO.json").read_text())
+    assert info["weights"] == "random-offline"
+
+
+@pytest.mark.slow
+def test_notebook_04(tiny_workdir):
+    out = run_notebook("04_local_triton", tiny_workdir / "executed")
+    text = outputs_text(out)
+    assert "runtime: bundled" in text
+    assert "the ensemble's text equals the reference, string for string" in text
+    assert "token for token" in text
+    state = json.loads((tiny_workdir / "state.json").read_text())["local_triton"]
+    assert state["new_tokens"] == 50 and state["weights"] == "random-offline"

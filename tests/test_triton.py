@@ -1,0 +1,222 @@
+"""The repository on a real Triton server: token-exact parity, bad input, load, generate."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from tutorial.client import infer_json, next_token_requests, reference_generate, reference_text_loop
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "My dog is cute, but he barks a lot."
+# Prompts whose generated text re-encodes to the same tokens on the tiny model are found below.
+CANDIDATES = [
+    "Machine learning is a field of computer science.",
+    "Hello world",
+    "The quick brown fox",
+    "Triton serves models over HTTP.",
+    "Once upon a time",
+    "In 1998, the company",
+]
+
+
+def next_token(server, text):
+    return next_token_requests(server.url, text)
+
+
+def ensemble(server, data, shape=None, datatype="BYTES"):
+    body = {
+        "inputs": [
+            {"name": "TEXT", "datatype": datatype, "shape": shape or [len(data)], "data": data}
+        ]
+    }
+    return requests.post(f"{server.url}/v2/models/ensemble_model/infer", json=body, timeout=60)
+
+
+def generate(server, text, max_new_tokens=None):
+    inputs = [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": [text]}]
+    if max_new_tokens is not None:
+        inputs.append(
+            {"name": "MAX_NEW_TOKENS", "datatype": "INT32", "shape": [1], "data": [max_new_tokens]}
+        )
+    return requests.post(
+        f"{server.url}/v2/models/generate/infer", json={"inputs": inputs}, timeout=120
+    )
+
+
+def generated_ids(response):
+    assert response.status_code == 200, response.text
+    return {o["name"]: o["data"] for o in response.json()["outputs"]}["TOKEN_IDS"]
+
+
+def assert_still_serving(server, tiny_reference):
+    tf_model, tok = tiny_reference
+    expected = reference_text_loop(tf_model, tok, PROMPT, 1)[1][0]
+    assert next_token(server, PROMPT) == expected
+
+
+def test_text_loop_equals_reference(triton_server, tiny_reference):
+    tf_model, tok = tiny_reference
+    text = PROMPT
+    for _ in range(20):
+        text += next_token(triton_server, text)
+    assert text == reference_text_loop(tf_model, tok, PROMPT, 20)[0]
+
+
+def test_text_loop_equals_generate_when_it_round_trips(triton_server, tiny_reference):
+    from tutorial.client import retokenizes_same
+
+    tf_model, tok = tiny_reference
+    checked = 0
+    for prompt in CANDIDATES:
+        ref = reference_generate(tf_model, tok, prompt, 12)
+        if not retokenizes_same(tok, prompt, ref):
+            continue
+        text = prompt
+        for _ in range(12):
+            text += next_token(triton_server, text)
+        assert tok(text)["input_ids"] == tok(prompt)["input_ids"] + ref, prompt
+        checked += 1
+    assert checked >= 1, "no candidate prompt round-trips: add one"
+
+
+def test_generate_equals_transformers(triton_server, tiny_reference):
+    tf_model, tok = tiny_reference
+    ids = generated_ids(generate(triton_server, PROMPT, 50))
+    assert ids == reference_generate(tf_model, tok, PROMPT, 50)
+    response = generate(triton_server, PROMPT, 50)
+    text = {o["name"]: o["data"] for o in response.json()["outputs"]}["GENERATED_TEXT"][0]
+    assert text == tok.decode(ids)
+
+
+def test_generate_default_is_50_tokens(triton_server, tiny_reference):
+    tf_model, tok = tiny_reference
+    assert generated_ids(generate(triton_server, "Hello world")) == reference_generate(
+        tf_model, tok, "Hello world", 50
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "shape"),
+    [(0, [1]), (1001, [1]), (-5, [1])],
+)
+def test_generate_max_new_tokens_bounds(triton_server, value, shape, tiny_reference):
+    response = generate(triton_server, PROMPT, value)
+    assert response.status_code == 400
+    assert (
+        response.json()["error"]
+        == f"MAX_NEW_TOKENS must be one integer from 1 to 1000, got {value}"
+    )
+    assert len(generated_ids(generate(triton_server, PROMPT, 3))) == 3
+
+
+def test_generate_stops_at_the_context_limit(triton_server, tiny_reference):
+    tf_model, tok = tiny_reference
+    prompt = " hello" * 1020  # 1020 tokens: 4 more fill the 1024 context, one more is predicted
+    assert len(tok(prompt)["input_ids"]) == 1020
+    ids = generated_ids(generate(triton_server, prompt, 50))
+    assert len(ids) == 5
+    assert ids == reference_generate(tf_model, tok, prompt, 5)
+
+
+def test_generate_concurrent_calls_stay_correct(triton_server, tiny_reference):
+    tf_model, tok = tiny_reference
+    prompts = [PROMPT, *CANDIDATES[:3]]
+    expected = {p: reference_generate(tf_model, tok, p, 20) for p in prompts}
+    jobs = [prompts[i % len(prompts)] for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda p: generated_ids(generate(triton_server, p, 20)), jobs))
+    assert all(r == expected[p] for p, r in zip(jobs, results))
+
+
+# --- bad input: a clear error each, and the next good request is still answered correctly ---
+
+
+def test_empty_text(triton_server, tiny_reference):
+    response = ensemble(triton_server, [""])
+    assert response.status_code == 400
+    assert (
+        response.json()["error"]
+        == "in ensemble 'ensemble_model', TEXT is empty: send at least one character"
+    )
+    assert generate(triton_server, "").status_code == 400
+    assert_still_serving(triton_server, tiny_reference)
+
+
+def test_text_longer_than_the_context_keeps_the_last_1024_tokens(triton_server, tiny_reference):
+    tf_model, tok = tiny_reference
+    text = "Once upon a time, there was a dog. " * 150
+    ids = tok(text)["input_ids"]
+    assert len(ids) > 1024
+    logits = tf_model(np.asarray([ids[-1024:]], dtype=np.int32)).logits.numpy()
+    expected = tok.decode([int(np.argmax(logits[0, -1]))])
+    assert next_token(triton_server, text) == expected
+    assert_still_serving(triton_server, tiny_reference)
+
+
+def test_invalid_utf8(triton_server, tiny_reference):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(triton_server.url.removeprefix("http://"))
+    inp = httpclient.InferInput("TEXT", [1], "BYTES")
+    inp.set_data_from_numpy(np.asarray([b"caf\xe9 \xff"], dtype=object))
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("ensemble_model", [inp])
+    assert "TEXT is not valid UTF-8 (invalid continuation byte at byte 3)" in str(err.value)
+    assert_still_serving(triton_server, tiny_reference)
+
+
+def test_wrong_datatype(triton_server, tiny_reference):
+    response = ensemble(triton_server, [123], datatype="INT32")
+    assert response.status_code == 400
+    assert (
+        "data-type is 'INT32', but model 'ensemble_model' expects 'BYTES'"
+        in response.json()["error"]
+    )
+    assert_still_serving(triton_server, tiny_reference)
+
+
+def test_wrong_shape(triton_server, tiny_reference):
+    response = ensemble(triton_server, [PROMPT], shape=[1, 1])
+    assert response.status_code == 400
+    assert (
+        "unexpected shape for input 'TEXT' for model 'ensemble_model'. Expected [1], got [1,1]"
+        in response.json()["error"]
+    )
+    assert_still_serving(triton_server, tiny_reference)
+
+
+def test_several_texts_in_one_request(triton_server, tiny_reference):
+    response = ensemble(triton_server, [PROMPT, "Hello world"])
+    assert response.status_code == 400
+    assert "Expected [1], got [2]" in response.json()["error"]
+    assert_still_serving(triton_server, tiny_reference)
+
+
+def test_load_8_clients_x_20_requests(triton_server, tiny_reference):
+    tf_model, tok = tiny_reference
+    prompts = [f"{[PROMPT, *CANDIDATES][i % 7]} {i}" for i in range(8)]
+    expected = {p: reference_text_loop(tf_model, tok, p, 1)[1][0] for p in prompts}
+
+    def client(prompt):
+        session = requests.Session()
+        return [
+            infer_json(
+                triton_server.url,
+                "ensemble_model",
+                {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": [prompt]}]},
+                session=session,
+            )["outputs"][0]["data"][0]
+            for _ in range(20)
+        ]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = dict(zip(prompts, pool.map(client, prompts)))
+    assert sum(len(a) for a in answers.values()) == 160
+    for prompt, got in answers.items():
+        assert got == [expected[prompt]] * 20, prompt
