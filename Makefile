@@ -8,7 +8,7 @@ BUILD := build/notebooks
 # without credentials).
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: run test lint format venv clean
+.PHONY: run test bench lint format venv clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 (see README)"; exit 1; }
@@ -32,6 +32,10 @@ run: venv
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The generation benchmark (README, "Performance"): needs notebooks 01-03 run first (make run).
+bench: venv
+	$(BIN)/python benchmarks/bench_generation.py
 
 lint: venv
 	$(BIN)/ruff check .
