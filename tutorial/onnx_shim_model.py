@@ -24,6 +24,10 @@ class TritonPythonModel:
         threads = int(os.environ.get("TUTORIAL_ORT_THREADS", "0"))
         if threads:
             options.intra_op_num_threads = threads
+        # Idle onnxruntime threads spin for a while after each run; beside the BLS model that
+        # drives this one, on few cores, that spinning takes the CPU the next step needs.
+        spinning = os.environ.get("TUTORIAL_ORT_SPINNING", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         self.session = ort.InferenceSession(
             str(here / filename), options, providers=["CPUExecutionProvider"]
         )
