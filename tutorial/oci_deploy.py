@@ -24,15 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from tutorial.common import TutorialError
+from tutorial.repository import OCI_REPOSITORY_PATH
 
 #: Env var OCI sets inside notebook sessions (and jobs): a resource principal is available.
 RESOURCE_PRINCIPAL_ENV = "OCI_RESOURCE_PRINCIPAL_VERSION"
 #: Freeform tag every resource of this tutorial carries, so the cleanup helper can find them.
 TUTORIAL_TAG = {"tutorial": "gpt2-triton"}
-#: Where OCI unpacks the artifact zip (read-only) inside the container.
-DEPLOYED_MODEL_DIR = "/opt/ds/model/deployed_model"
-#: The artifact zip holds ``model_repository/`` at its root.
-CONTAINER_REPOSITORY = f"{DEPLOYED_MODEL_DIR}/model_repository"
 #: The Console refuses artifacts above this size; the SDK takes up to 6 GB.
 CONSOLE_UPLOAD_LIMIT_BYTES = 100 * 1024 * 1024
 PREDICT_PAYLOAD_LIMIT_BYTES = 10 * 1024 * 1024
@@ -291,7 +288,7 @@ def delete_model(client: Any, model_id: str) -> None:
 # The deployment request
 
 
-def triton_command(port: int = 8000, repository: str = CONTAINER_REPOSITORY) -> list[str]:
+def triton_command(port: int = 8000, repository: str = OCI_REPOSITORY_PATH) -> list[str]:
     """The container command: Triton on the repository OCI unpacked from the artifact."""
     return ["tritonserver", f"--model-repository={repository}", f"--http-port={port}"]
 
@@ -524,7 +521,7 @@ def wait_for_work_request(
     from tqdm import tqdm
 
     deadline = time.monotonic() + timeout_s
-    bar_format = "{l_bar}{bar}| {n:.0f}% [{elapsed}]"
+    bar_format = "{l_bar}{bar}| {n:.0f}% [{elapsed}{postfix}]"
     with tqdm(total=100, desc=desc, unit="%", bar_format=bar_format) as bar:
         while True:
             try:
@@ -596,7 +593,7 @@ def wait_for_deployment(
         if state in FAILED_STATES or state in ("DELETING", "DELETED", "INACTIVE"):
             raise DeploymentFailed(
                 f"Model deployment {deployment_id} is {state}: "
-                f"{deployment.lifecycle_details or '(no lifecycle_details)'}. "
+                f"{(deployment.lifecycle_details or '(no lifecycle_details)').rstrip('.')}. "
                 + _logs_hint(deployment)
                 + " The deployment still exists: the Clean up section deletes it."
             )
