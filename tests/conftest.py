@@ -33,6 +33,22 @@ def run_notebook(name: str, out_dir: Path, **parameters) -> Path:
     return out
 
 
+def notebook_text(path: Path) -> str:
+    """All text an executed notebook printed (streams, results, errors)."""
+    import json
+
+    parts = []
+    for cell in json.loads(Path(path).read_text())["cells"]:
+        for output in cell.get("outputs", []):
+            if output["output_type"] == "stream":
+                parts.append("".join(output["text"]))
+            elif output["output_type"] == "error":
+                parts.append(f"ERROR {output['ename']}: {output['evalue']}")
+            else:
+                parts.append("".join(output.get("data", {}).get("text/plain", "")))
+    return "\n".join(parts)
+
+
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory) -> Path:
     """TUTORIAL_WORKDIR with notebooks 01-03 run on the tiny offline model (CPU instances)."""

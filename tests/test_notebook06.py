@@ -16,6 +16,9 @@ import papermill
 import pytest
 from oci_standin import BOOTSTRAP_FAILED, OciStandIn, make_test_credentials
 
+from tests.conftest import notebook_text as outputs
+from tests.conftest import run_notebook
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "06_deploy_oci.ipynb"
 COMPARTMENT = "ocid1.compartment.oc1..standincompartment"
@@ -32,31 +35,7 @@ def no_resource_principal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run(out_dir: Path, **parameters: object) -> Path:
-    out = out_dir / "06_deploy_oci.ipynb"
-    papermill.execute_notebook(
-        str(NOTEBOOK),
-        str(out),
-        parameters=parameters,
-        cwd=str(ROOT / "notebooks"),
-        kernel_name="python3",
-        progress_bar=False,
-    )
-    return out
-
-
-def outputs(path: Path) -> str:
-    """All text a run printed (streams, results, errors)."""
-    cells = json.loads(path.read_text())["cells"]
-    parts = []
-    for cell in cells:
-        for output in cell.get("outputs", []):
-            if output["output_type"] == "stream":
-                parts.append("".join(output["text"]))
-            elif output["output_type"] == "error":
-                parts.append(f"ERROR {output['ename']}: {output['evalue']}")
-            else:
-                parts.append("".join(output.get("data", {}).get("text/plain", "")))
-    return "\n".join(parts)
+    return run_notebook("06_deploy_oci", out_dir, **parameters)
 
 
 def standin_parameters(creds, standin: OciStandIn) -> dict:

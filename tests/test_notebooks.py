@@ -5,19 +5,10 @@ from __future__ import annotations
 import json
 import zipfile
 
-import nbformat
 import pytest
 
+from tests.conftest import notebook_text as outputs_text
 from tests.conftest import run_notebook
-
-
-def outputs_text(path) -> str:
-    nb = nbformat.read(str(path), as_version=4)
-    chunks = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            chunks.append(out.get("text", "") or str(out.get("data", {}).get("text/plain", "")))
-    return "\n".join(chunks)
 
 
 @pytest.mark.slow
