@@ -6,6 +6,19 @@ registry, OCI, benchmarks, plots); this module re-exports the public names so ev
 only needs ``import helpers``. Importing it is cheap: no TensorFlow, onnxruntime or OCI SDK.
 """
 
+from tutorial.client import (  # noqa: F401
+    infer_json,
+    launch_local_triton,
+    model_stats,
+    next_token_requests,
+    next_token_tritonclient,
+    reference_generate,
+    reference_text_loop,
+    retokenizes_same,
+    seed_payload,
+    stats_table,
+    text_loop,
+)
 from tutorial.common import (  # noqa: F401
     OFFLINE_BANNER,
     REPO_ROOT,
@@ -34,6 +47,19 @@ from tutorial.export import (  # noqa: F401
     quantize_int8,
     trim_to_last_logits,
 )
+from tutorial.measure import (  # noqa: F401
+    HttpTarget,
+    InProcessTarget,
+    MeasurementPlan,
+    PromptMaker,
+    TargetRun,
+    cuda_status,
+    inprocess_target,
+    measure_series,
+    measure_target,
+    oci_target,
+    triton_target,
+)
 from tutorial.model_source import (  # noqa: F401
     build_random_model,
     count_parameters,
@@ -46,20 +72,40 @@ from tutorial.model_source import (  # noqa: F401
     resolve_model_source,
     save_offline_vocab,
 )
-from tutorial.repository import (  # noqa: F401
-    OCI_ARTIFACT_ROOT,
-    OCI_REPOSITORY_PATH,
-    assemble_repository,
-    bytes_per_step,
-    load_config,
-    pack_artifact,
-    validate_repository,
+from tutorial.oci_deploy import (  # noqa: F401
+    CONSOLE_UPLOAD_LIMIT_BYTES,
+    PREDICT_PAYLOAD_LIMIT_BYTES,
+    TUTORIAL_TAG,
+    DeploymentFailed,
+    OciAuth,
+    cleanup_tutorial_resources,
+    create_deployment,
+    create_model,
+    data_science_client,
+    delete_deployment,
+    delete_model,
+    deployment_request,
+    find_tutorial_resources,
+    oci_auth,
+    output_by_name,
+    predict,
+    request_json,
+    triton_command,
+    try_oci_auth,
+    upload_artifact,
+    validate_byoc,
+    wait_for_deployment,
+    wait_for_work_request,
 )
-from tutorial.triton_local import (  # noqa: F401
-    NGC_IMAGE,
-    TritonServer,
-    docker_available,
-    start_local_triton,
+from tutorial.plots import (  # noqa: F401
+    DEFAULT_TARGETS,
+    PLOT_FILES,
+    copy_for_readme,
+    make_all_plots,
+    plot_latency_bars,
+    plot_latency_cdf,
+    plot_latency_vs_prompt,
+    plot_throughput_vs_concurrency,
 )
 from tutorial.registry import (  # noqa: F401
     DOCKERFILE,
@@ -78,16 +124,29 @@ from tutorial.registry import (  # noqa: F401
     registry_logout,
     remove_local_image,
 )
-from tutorial.client import (  # noqa: F401
-    infer_json,
-    launch_local_triton,
-    model_stats,
-    next_token_requests,
-    next_token_tritonclient,
-    reference_generate,
-    reference_text_loop,
-    retokenizes_same,
-    seed_payload,
-    stats_table,
-    text_loop,
+from tutorial.repository import (  # noqa: F401
+    OCI_ARTIFACT_ROOT,
+    OCI_REPOSITORY_PATH,
+    assemble_repository,
+    bytes_per_step,
+    load_config,
+    pack_artifact,
+    validate_repository,
+)
+from tutorial.results import (  # noqa: F401
+    RESULT_COLUMNS,
+    ResultsError,
+    format_summary,
+    latency_stats,
+    model_label,
+    new_run_id,
+    read_results,
+    summarize,
+    write_results,
+)
+from tutorial.triton_local import (  # noqa: F401
+    NGC_IMAGE,
+    TritonServer,
+    docker_available,
+    start_local_triton,
 )

@@ -3,13 +3,14 @@ onnxruntime in-process on the decoder-with-past model (CPU, or a GPU through CUD
 
 Every measured call becomes one row for :func:`tutorial.results.write_results`. Warm-up calls
 are never recorded. Counts and time are bounded by a :class:`MeasurementPlan`. Triton's
-statistics (``GET /v2/models/<m>/stats``) are read before and after each call or series, so
+statistics (``GET /v2/models/stats``) are read before and after each call or series, so
 rows carry the server's queue and compute time next to the client's wall time.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import statistics
 import subprocess
@@ -90,6 +91,8 @@ class PromptMaker:
         """The tokenizer notebook 01 saved, and the model's context length from the state."""
         from tutorial.model_source import load_tokenizer
 
+        # the local Triton is started (forked) after the tokenizer ran: keep it single-threaded
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         vocab_dir = paths()["vocab_dir"]
         if not (vocab_dir / "vocab.json").exists():
             raise TutorialError(
@@ -124,34 +127,56 @@ class CallResult:
 # Triton's statistics
 
 
-def parse_model_stats(payload: dict[str, Any]) -> dict[str, int]:
-    """Sum a ``/v2/models/<m>/stats`` answer over versions into flat cumulative counters:
-    ``<field>_count`` and ``<field>_ns`` for success, fail, queue and compute_*, plus
-    ``inference_count`` and ``execution_count``."""
-    out = {f"{name}_{unit}": 0 for name in STAT_FIELDS for unit in ("count", "ns")}
-    out.update(inference_count=0, execution_count=0)
+def parse_model_stats(payload: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Turn a ``/v2/models[/<m>]/stats`` answer into flat cumulative counters per model
+    (summed over versions): ``<field>_count`` and ``<field>_ns`` for success, fail, queue and
+    compute_input/infer/output, plus ``inference_count`` and ``execution_count``."""
+    out: dict[str, dict[str, int]] = {}
     for model in payload.get("model_stats", []):
+        flat = out.setdefault(
+            model["name"],
+            {f"{f}_{unit}": 0 for f in STAT_FIELDS for unit in ("count", "ns")}
+            | {"inference_count": 0, "execution_count": 0},
+        )
         stats = model.get("inference_stats", {})
         for name in STAT_FIELDS:
-            out[f"{name}_count"] += int(stats.get(name, {}).get("count", 0))
-            out[f"{name}_ns"] += int(stats.get(name, {}).get("ns", 0))
-        out["inference_count"] += int(model.get("inference_count", 0))
-        out["execution_count"] += int(model.get("execution_count", 0))
+            flat[f"{name}_count"] += int(stats.get(name, {}).get("count", 0))
+            flat[f"{name}_ns"] += int(stats.get(name, {}).get("ns", 0))
+        flat["inference_count"] += int(model.get("inference_count", 0))
+        flat["execution_count"] += int(model.get("execution_count", 0))
     return out
 
 
-def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    """What happened between two statistics snapshots of one model."""
-    return {key: after[key] - before.get(key, 0) for key in after}
+def stats_delta(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """What happened between two statistics snapshots, per model."""
+    return {
+        model: {key: value - before.get(model, {}).get(key, 0) for key, value in counters.items()}
+        for model, counters in after.items()
+    }
 
 
-def server_split_ms(delta: dict[str, int]) -> tuple[float | None, float | None]:
-    """Mean queue and compute (input + infer + output) ms per successful request in a delta."""
-    count = delta.get("success_count", 0)
+def server_split_ms(
+    delta: dict[str, dict[str, int]], model: str, parts: list[str] | None = None
+) -> tuple[float | None, float | None]:
+    """Mean server queue and compute ms per successful request of ``model`` in a delta.
+
+    Compute is compute_input + compute_infer + compute_output. For an ensemble, ``parts`` are
+    its steps: its own counters time the whole pipeline (the steps' queues included) and the
+    steps' own times overlap, so queue = the ensemble's queue + its steps' queues, and
+    compute = the ensemble's compute minus its steps' queues. Queue + compute is then the
+    server's time for the request, never more than the client's wall time.
+    """
+    own = delta.get(model, {})
+    count = own.get("success_count", 0)
     if count <= 0:
         return None, None
-    compute = delta["compute_input_ns"] + delta["compute_infer_ns"] + delta["compute_output_ns"]
-    return delta["queue_ns"] / count / 1e6, compute / count / 1e6
+    queue = own.get("queue_ns", 0)
+    compute = sum(own.get(f"compute_{k}_ns", 0) for k in ("input", "infer", "output"))
+    steps = [p for p in parts or [] if p != model]
+    waited = sum(delta.get(p, {}).get("queue_ns", 0) for p in steps)
+    return (queue + waited) / count / 1e6, max(0, compute - waited) / count / 1e6
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +218,7 @@ class HttpTarget:
         self.timeout_s = timeout_s
         self.description = "Triton over HTTP" if base_url else "OCI Model Deployment /predict"
         self._local = threading.local()
+        self._parts: dict[str, list[str]] = {}
 
     def _session(self) -> Any:
         import requests
@@ -267,26 +293,46 @@ class HttpTarget:
         ids = [int(i) for i in self._output(answer, "TOKEN_IDS")]
         return CallResult(started_at, latency_ms, len(ids), token_ids=ids)
 
-    def stats(self, model: str) -> dict[str, int] | None:
-        """Cumulative statistics of ``model`` (local Triton only; ``None`` behind OCI)."""
+    def stats(self) -> dict[str, dict[str, int]] | None:
+        """Cumulative statistics of every model (local Triton only; ``None`` behind OCI,
+        whose /predict reaches infer only)."""
         if not self.base_url:
             return None
-        url = f"{self.base_url}/v2/models/{model}/stats"
+        url = f"{self.base_url}/v2/models/stats"
         response = self._session().get(url, timeout=self.timeout_s)
         if response.status_code != 200:
             raise TutorialError(f"{self.name}: HTTP {response.status_code} from {url}.")
         return parse_model_stats(response.json())
 
+    def parts(self, model: str) -> list[str]:
+        """The models whose statistics add up to ``model``'s server time: an ensemble's
+        steps (from its config), else the model itself."""
+        if model not in self._parts:
+            url = f"{self.base_url}/v2/models/{model}/config"
+            response = self._session().get(url, timeout=self.timeout_s)
+            if response.status_code != 200:
+                raise TutorialError(f"{self.name}: HTTP {response.status_code} from {url}.")
+            config = response.json()
+            steps = config.get("ensemble_scheduling", {}).get("step", [])
+            self._parts[model] = [step["model_name"] for step in steps] or [model]
+        return self._parts[model]
+
     def stats_after(
-        self, model: str, before: dict[str, int], expected: int, timeout_s: float = 2.0
-    ) -> dict[str, int]:
-        """Statistics once ``expected`` more successes are counted (Triton may record a
-        request just after answering it); gives up after ``timeout_s``."""
+        self, model: str, before: dict[str, dict[str, int]], expected: int, timeout_s: float = 2.0
+    ) -> dict[str, dict[str, int]]:
+        """Statistics once ``expected`` more successes of ``model`` and of each of its
+        :meth:`parts` are counted: Triton may record a request (an ensemble's last step
+        especially) just after answering it. Gives up after ``timeout_s``."""
+        names = {model, *self.parts(model)}
         deadline = time.perf_counter() + timeout_s
         while True:
-            after = self.stats(model)
+            after = self.stats()
             assert after is not None
-            if after["success_count"] - before["success_count"] >= expected:
+            if all(
+                after.get(n, {}).get("success_count", 0)
+                >= before.get(n, {}).get("success_count", 0) + expected
+                for n in names
+            ):
                 return after
             if time.perf_counter() > deadline:
                 return after
@@ -475,7 +521,7 @@ class InProcessTarget:
         latency_ms = (time.perf_counter() - start) * 1000.0
         return CallResult(started_at, latency_ms, len(tokens), token_ids=tokens, step_ms=steps)
 
-    def stats(self, model: str) -> None:
+    def stats(self) -> None:
         """In-process targets have no server statistics."""
         return None
 
@@ -526,7 +572,7 @@ class Series:
     sent: int
     results: list[CallResult] = field(default_factory=list)
     model: str | None = None
-    stats_delta: dict[str, int] | None = None
+    stats_delta: dict[str, dict[str, int]] | None = None
     elapsed_s: float = 0.0
     stopped_early: bool = False
 
@@ -591,33 +637,40 @@ def measure_series(
     sweep: str = "",
     max_seconds: float | None = None,
     progress: Any = None,
+    per_call_stats: bool = True,
 ) -> Series:
     """Send ``count`` calls of ``method`` (after ``warmup`` unrecorded ones), ``concurrency``
     at a time from a thread pool; stop issuing calls after ``max_seconds``.
 
-    At concurrency 1, Triton's statistics are read around every call, so each row has its
-    own server queue/compute split; with more calls in flight, rows get the series' mean.
+    At concurrency 1 (and ``per_call_stats``), Triton's statistics are read around every
+    call, so each row has its own server queue/compute split; otherwise rows get the series'
+    mean (reading statistics between calls would add gaps to a throughput series).
     """
+    model = SERVED_MODELS.get(method) if getattr(target, "base_url", None) else None
+    parts = target.parts(model) if model else None
+    first = target.stats() if model else None
     for _ in range(warmup):
         _call(target, method, prompt, new_tokens)
-    model = SERVED_MODELS.get(method) if getattr(target, "base_url", None) else None
+        if progress is not None:
+            progress.update(1)
+    if first is not None and warmup:
+        first = target.stats_after(model, first, warmup)  # the warm-up calls fully counted
     deadline = time.perf_counter() + max_seconds if max_seconds else None
-    first = target.stats(model) if model else None
     rows: list[dict[str, Any]] = []
     calls: list[CallResult] = []
     start = time.perf_counter()
     stopped = False
-    if concurrency == 1:
+    if concurrency == 1 and per_call_stats:
         for i in range(count):
             if deadline and time.perf_counter() > deadline:
                 stopped = True
                 break
-            before = target.stats(model) if model else None
+            before = target.stats() if model else None
             result = _call(target, method, prompt, new_tokens)
             queue_ms = compute_ms = None
             if before is not None:
                 after = target.stats_after(model, before, 1)
-                queue_ms, compute_ms = server_split_ms(stats_delta(before, after))
+                queue_ms, compute_ms = server_split_ms(stats_delta(before, after), model, parts)
             calls.append(result)
             rows.append(
                 _row(target, method, prompt, result, concurrency=1, iteration=i, sweep=sweep,
@@ -659,11 +712,11 @@ def measure_series(
     delta = None
     if first is not None:
         delta = stats_delta(first, target.stats_after(model, first, len(rows)))
-        if concurrency > 1:
-            queue_ms, compute_ms = server_split_ms(delta)
+        if not (concurrency == 1 and per_call_stats):
+            queue_ms, compute_ms = server_split_ms(delta, model, parts)
             for row in rows:
                 row.update(server_queue_ms=queue_ms, server_compute_ms=compute_ms)
-                row["notes"] = "server split: mean over the series (requests overlapped)"
+                row["notes"] = "server split: mean over the series"
     return Series(
         target=target.name,
         method=method,
@@ -686,6 +739,8 @@ def decode_rows(one: Series, many: Series) -> list[dict[str, Any]]:
     In-process, each call's own decode steps are measured (mean of steps 2..N). Over HTTP it
     is derived: (call's latency - median latency of 1-token calls) / (N - 1), which removes the
     request overhead, tokenizing and the prefill; server compute is derived the same way.
+    A call whose difference is not positive (noise larger than the decode cost, as on a tiny
+    model) gives no row: :func:`measure_target` reports how many in ``skipped``.
     """
     out = []
     base = statistics.median(r["latency_ms"] for r in one.rows) if one.rows else None
@@ -728,9 +783,9 @@ class TargetRun:
     def statistics_check(self) -> list[tuple[str, int, int]]:
         """(series, requests sent, successes Triton counted) for each series with statistics."""
         return [
-            (s.describe(), s.sent, s.stats_delta["success_count"])
+            (s.describe(), s.sent, s.stats_delta[s.model]["success_count"])
             for s in self.series
-            if s.stats_delta is not None
+            if s.stats_delta is not None and s.model
         ]
 
 
@@ -758,6 +813,7 @@ def measure_target(
     total = len(lengths) * per_point + sum(
         c * plan.concurrency_iterations for c in plan.concurrency_levels
     )
+    total += plan.warmup if plan.concurrency_levels else 0
     deadline = time.perf_counter() + plan.max_total_seconds
     rows: list[dict[str, Any]] = []
     series: list[Series] = []
@@ -785,7 +841,14 @@ def measure_target(
             one = run("generate", prompt, sweep, new_tokens=1, **common)
             many = run("generate", prompt, sweep, new_tokens=plan.new_tokens, **common)
             if one and many:
-                rows.extend(decode_rows(one, many))
+                decoded = decode_rows(one, many)
+                rows.extend(decoded)
+                if len(decoded) < len(many.rows):
+                    skipped.append(
+                        f"decode_token prompt={prompt.tokens}: {len(many.rows) - len(decoded)} of "
+                        f"{len(many.rows)} calls not derived (generate {plan.new_tokens} was not "
+                        "slower than generate 1, or stopped at end-of-text after 1 token)"
+                    )
         prompt = prompts(plan.prompt_tokens)
         for level in plan.concurrency_levels:
             run(
@@ -796,6 +859,7 @@ def measure_target(
                 count=level * plan.concurrency_iterations,
                 concurrency=level,
                 warmup=plan.warmup if level == plan.concurrency_levels[0] else 0,
+                per_call_stats=False,
             )
     finally:
         bar.close()

@@ -294,16 +294,19 @@ def _read_header(path: Path) -> list[str] | None:
         return next(csv.reader(handle), None)
 
 
-def write_results(rows: list[dict[str, Any]], path: str | Path) -> Path:
+def write_results(rows: list[dict[str, Any]], path: str | Path, run_id: str | None = None) -> Path:
     """Validate ``rows`` and append them to the CSV at ``path`` (created with a header).
 
-    Missing metadata is filled in: run_id (one per call), timestamp, versions, hostname,
-    weights (from the state file), model, device_name (this machine's CPU, for CPU targets
-    only), shape ("local", for non-OCI targets), concurrency (1) and tokens_per_s. All rows are
-    checked before anything is written, so a bad row leaves the file untouched.
+    Missing metadata is filled in: run_id (``run_id``, else one new id per call), timestamp,
+    versions, hostname, weights (from the state file), model, device_name (this machine's
+    CPU, for CPU targets only), shape ("local", for non-OCI targets), concurrency (1) and
+    tokens_per_s. All rows are checked before anything is written, so a bad row leaves the
+    file untouched.
     """
     path = Path(path)
     cache: dict[str, Any] = {}
+    if run_id:
+        cache.update(machine=machine_metadata(), run_id=run_id)
     complete = [complete_row(row, i, cache) for i, row in enumerate(rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
     exists = path.exists() and path.stat().st_size > 0
@@ -391,22 +394,29 @@ def latency_stats(latencies_ms: Iterable[float]) -> dict[str, float]:
 
 
 def throughput(rows: list[dict[str, Any]]) -> float | None:
-    """Tokens per second of wall time over ``rows``: all new tokens over the time the
-    requests were in flight, measured per (run_id, sweep) series and added up.
+    """New tokens per second over ``rows``, added up per series (run_id, sweep, concurrency).
 
-    ``None`` when a row has no ``started_at``.
+    A series at concurrency 1 ran its calls one after another: its time is the sum of the
+    latencies (client bookkeeping between calls is not counted). A concurrent series' time is
+    its wall span, from the first start to the last end. Rows without ``started_at``
+    (derived rows, other tools' rows) are left out; ``None`` when none is left or nothing
+    was produced.
     """
-    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    series: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("started_at") is None:
-            return None
-        series.setdefault((row["run_id"], row.get("sweep") or ""), []).append(row)
+            continue
+        key = (row["run_id"], row.get("sweep") or "", row["concurrency"])
+        series.setdefault(key, []).append(row)
     tokens, seconds = 0, 0.0
-    for group in series.values():
-        start = min(r["started_at"] for r in group)
-        end = max(r["started_at"] + r["latency_ms"] / 1000.0 for r in group)
+    for (_, _, concurrency), group in series.items():
         tokens += sum(r["new_tokens"] for r in group)
-        seconds += end - start
+        if concurrency == 1:
+            seconds += sum(r["latency_ms"] for r in group) / 1000.0
+        else:
+            start = min(r["started_at"] for r in group)
+            end = max(r["started_at"] + r["latency_ms"] / 1000.0 for r in group)
+            seconds += end - start
     return tokens / seconds if seconds > 0 and tokens else None
 
 

@@ -1,0 +1,386 @@
+"""Measuring latency: Triton's statistics, decode derivation, the real local Triton, the
+in-process model, signed OCI-style requests through the loopback stand-in, and notebook 07."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+
+from tutorial.common import TutorialError
+from tutorial.measure import (
+    CallResult,
+    MeasurementPlan,
+    PromptMaker,
+    Series,
+    cuda_status,
+    decode_rows,
+    inprocess_target,
+    measure_series,
+    measure_target,
+    oci_target,
+    parse_model_stats,
+    server_split_ms,
+    stats_delta,
+    triton_target,
+)
+from tutorial.results import RESULT_COLUMNS, read_results, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+ENSEMBLE_PARTS = {"encoder", "gpt2", "decoder"}
+
+
+def stats_payload(counts: dict[str, tuple[int, int, int]]) -> dict:
+    """A /v2/models/stats answer: per model (requests, queue ns, compute_infer ns)."""
+    return {
+        "model_stats": [
+            {
+                "name": name,
+                "version": "1",
+                "inference_count": n,
+                "execution_count": n,
+                "inference_stats": {
+                    "success": {"count": n, "ns": queue + infer + 3000 * n},
+                    "fail": {"count": 0, "ns": 0},
+                    "queue": {"count": n, "ns": queue},
+                    "compute_input": {"count": n, "ns": 1000 * n},
+                    "compute_infer": {"count": n, "ns": infer},
+                    "compute_output": {"count": n, "ns": 2000 * n},
+                },
+            }
+            for name, (n, queue, infer) in counts.items()
+        ]
+    }
+
+
+def test_statistics_delta_and_server_split():
+    before = parse_model_stats(
+        stats_payload({"ensemble_model": (1, 10, 900), "encoder": (1, 5, 100), "gpt2": (1, 5, 700)})
+    )
+    after = parse_model_stats(
+        stats_payload(
+            {
+                "ensemble_model": (3, 30, 9_000_900),
+                "encoder": (3, 2_000_005, 1_000_100),
+                "gpt2": (3, 4_000_005, 6_000_700),
+            }
+        )
+    )
+    delta = stats_delta(before, after)
+    assert delta["ensemble_model"]["success_count"] == 2
+    assert delta["gpt2"]["queue_ns"] == 4_000_000
+    # the ensemble's own counters: 20 ns queue, (2000 + 9_000_000 + 4000) ns compute over 2
+    assert server_split_ms(delta, "ensemble_model") == pytest.approx((0.00001, 4.503))
+    # with its steps: queue (20 + 2e6 + 4e6) / 2; compute (9_006_000 - 6e6) / 2
+    assert server_split_ms(delta, "ensemble_model", ["encoder", "gpt2"]) == pytest.approx(
+        (3.00001, 1.503)
+    )
+    assert server_split_ms(stats_delta(after, after), "gpt2") == (None, None)
+
+
+def _series(latencies: list[float], new_tokens: int, steps=None, compute=None) -> Series:
+    rows, results = [], []
+    for i, latency in enumerate(latencies):
+        rows.append(
+            {
+                "target": "local-cpu",
+                "method": "generate",
+                "model_variant": "fp32",
+                "device_name": None,
+                "shape": "local",
+                "sweep": "reference",
+                "prompt_tokens": 10,
+                "new_tokens": new_tokens,
+                "concurrency": 1,
+                "iteration": i,
+                "started_at": 1000.0 + i,
+                "latency_ms": latency,
+                "server_queue_ms": 0.1,
+                "server_compute_ms": None if compute is None else compute[i],
+                "notes": "",
+            }
+        )
+        results.append(
+            CallResult(1000.0 + i, latency, new_tokens, step_ms=steps[i] if steps else [])
+        )
+    return Series("local-cpu", "generate", 10, new_tokens, 1, rows, len(rows), results)
+
+
+def test_decode_time_derived_from_generate_n_and_1():
+    one = _series([10.0, 12.0, 30.0], 1, compute=[8.0, 9.0, 10.0])
+    many = _series([110.0, 500.0, 11.0], 11, compute=[59.0, 100.0, 5.0])
+    rows = decode_rows(one, many)
+    # median of generate 1 is 12 ms: (110 - 12) / 10, (500 - 12) / 10; 11 ms gives no row
+    assert [r["latency_ms"] for r in rows] == pytest.approx([9.8, 48.8])
+    assert [r["server_compute_ms"] for r in rows] == pytest.approx([5.0, 9.1])
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert all(r["method"] == "decode_token" and r["new_tokens"] == 1 for r in rows)
+    assert all(r["started_at"] is None and r["server_queue_ms"] is None for r in rows)
+    assert rows[0]["tokens_per_s"] == pytest.approx(1000 / 9.8)
+    assert rows[0]["notes"] == "derived: (generate 11 tokens - median generate 1 token) / 10"
+
+
+def test_decode_time_measured_in_process():
+    one = _series([5.0], 1)
+    many = _series([14.0], 4, steps=[[5.0, 3.0, 3.0, 3.0]])
+    (row,) = decode_rows(one, many)
+    assert row["latency_ms"] == pytest.approx(3.0)
+    assert row["notes"] == "measured: mean of the 3 decode steps of one call"
+
+
+def test_plan_and_targets_refuse_bad_settings():
+    with pytest.raises(TutorialError, match="new_tokens must be >= 2"):
+        MeasurementPlan(new_tokens=1)
+    with pytest.raises(TutorialError, match="concurrency levels must be >= 1"):
+        MeasurementPlan(concurrency_levels=(0, 1))
+    with pytest.raises(TutorialError, match=r"is not a deployment's predict URL"):
+        oci_target("https://example.invalid/md/infer", auth=None, shape="VM.GPU.A10.1")
+
+
+def test_local_gpu_is_not_measured_without_cuda():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has onnxruntime's CUDA provider: local-gpu is measurable")
+    available, why = cuda_status()
+    assert available is False
+    assert "no CUDAExecutionProvider" in why
+    with pytest.raises(TutorialError, match=r"^local-gpu cannot be measured: onnxruntime"):
+        inprocess_target(gpu=True)
+
+
+def test_prompts_have_exact_token_counts(tmp_path):
+    from tutorial.model_source import load_tokenizer, save_offline_vocab
+
+    save_offline_vocab(tmp_path)
+    prompts = PromptMaker(load_tokenizer(tmp_path))
+    for n in (1, 10, 33, 128, 700):
+        prompt = prompts(n)
+        assert prompt.tokens == n
+        assert prompt.ids == list(prompts.tokenizer.encode(prompt.text))
+    assert prompts(12).text == "My dog is cute, but he barks a lot."  # the seed's sentence
+
+
+# ---------------------------------------------------------------------------------------------
+# against the real local Triton (tiny model)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_workdir) -> PromptMaker:
+    return PromptMaker.from_workdir()
+
+
+@pytest.mark.slow
+def test_series_rows_and_triton_statistics(triton_server, prompts, tmp_path):
+    target = triton_target(triton_server.url)
+    assert set(target.parts("ensemble_model")) == ENSEMBLE_PARTS
+    prompt = prompts(10)
+
+    series = measure_series(target, "ensemble_next_token", prompt, count=3, warmup=1)
+    assert series.sent == len(series.rows) == 3
+    assert series.model == "ensemble_model"
+    for model in ("ensemble_model", *ENSEMBLE_PARTS):
+        assert series.stats_delta[model]["success_count"] == 3, model
+        assert series.stats_delta[model]["fail_count"] == 0, model
+    for row in series.rows:
+        assert row["latency_ms"] > 0 and row["new_tokens"] == 1
+        assert row["server_compute_ms"] > 0 and row["server_queue_ms"] >= 0
+    # each row holds exactly its own call's share: the rows add up to the series' delta
+    queue, compute = server_split_ms(series.stats_delta, "ensemble_model", list(ENSEMBLE_PARTS))
+    assert sum(r["server_queue_ms"] for r in series.rows) == pytest.approx(3 * queue)
+    assert sum(r["server_compute_ms"] for r in series.rows) == pytest.approx(3 * compute)
+
+    generate = measure_series(target, "generate", prompt, new_tokens=4, count=2)
+    assert generate.stats_delta["generate"]["success_count"] == 2
+    for row, result in zip(generate.rows, generate.results, strict=True):
+        assert row["new_tokens"] == len(result.token_ids) and 1 <= row["new_tokens"] <= 4
+
+    overlapped = measure_series(target, "generate", prompt, new_tokens=4, count=5, concurrency=2)
+    assert overlapped.sent == 5 and overlapped.stats_delta["generate"]["success_count"] == 5
+    assert {r["notes"] for r in overlapped.rows} == {"server split: mean over the series"}
+    assert len({r["server_compute_ms"] for r in overlapped.rows}) == 1
+
+    path = write_results(series.rows + generate.rows + overlapped.rows, tmp_path / "r.csv")
+    back = read_results(path)
+    assert list(back[0]) == list(RESULT_COLUMNS)
+    assert len(back) == 10
+    assert {r["target"] for r in back} == {"local-cpu"}
+    assert {r["weights"] for r in back} == {"random-offline"}
+    assert {r["model"] for r in back} == {"tiny test model (n_layer=2, n_head=2, n_embd=64)"}
+    assert all(r["latency_ms"] > 0 and r["tokens_per_s"] > 0 for r in back)
+
+
+@pytest.mark.slow
+def test_measure_target_on_local_triton(triton_server, prompts, tmp_path):
+    plan = MeasurementPlan(
+        warmup=1,
+        iterations=3,
+        prompt_tokens=10,
+        new_tokens=6,
+        prompt_lengths=(8,),
+        concurrency_levels=(1, 2),
+        concurrency_iterations=2,
+        progress=False,
+    )
+    run = measure_target(triton_target(triton_server.url), plan, prompts)
+    checks = run.statistics_check()
+    assert len(checks) == 2 * 3 + 2  # per prompt: next token, generate 1, generate N; 2 levels
+    assert all(sent == counted for _, sent, counted in checks), checks
+    assert [sent for _, sent, _ in checks][-2:] == [2, 4]
+
+    back = read_results(write_results(run.rows, tmp_path / "r.csv"))
+    measured = [r for r in back if r["method"] != "decode_token"]
+    assert len(measured) == 2 * 3 * 3 + 2 + 4
+    assert {(r["method"], r["prompt_tokens"]) for r in measured} == {
+        (m, p) for m in ("ensemble_next_token", "generate") for p in (8, 10)
+    }
+    assert {r["concurrency"] for r in back} == {1, 2}
+    assert {r["sweep"] for r in back} == {"reference", "prompt_length", "concurrency"}
+    assert all(r["latency_ms"] > 0 for r in back)
+    # decode rows: recomputed here from the generate rows they were derived from
+    for prompt_tokens in (8, 10):
+        ones = [
+            r["latency_ms"]
+            for r in measured
+            if r["prompt_tokens"] == prompt_tokens
+            and r["new_tokens"] == 1
+            and r["method"] == "generate"
+        ]
+        many = [
+            r
+            for r in measured
+            if r["prompt_tokens"] == prompt_tokens
+            and r["method"] == "generate"
+            and r["new_tokens"] > 1
+            and r["sweep"] != "concurrency"
+        ]
+        expected = [
+            (r["latency_ms"] - statistics.median(ones)) / (r["new_tokens"] - 1) for r in many
+        ]
+        decoded = [
+            r["latency_ms"]
+            for r in back
+            if r["method"] == "decode_token" and r["prompt_tokens"] == prompt_tokens
+        ]
+        assert decoded == pytest.approx([e for e in expected if e > 0], abs=2e-4)
+        dropped = len([e for e in expected if e <= 0])
+        assert any(f"prompt={prompt_tokens}: {dropped} of" in s for s in run.skipped) == bool(
+            dropped
+        )
+
+
+@pytest.mark.slow
+def test_in_process_model_is_the_served_model(triton_server, prompts, tmp_path):
+    prompt = prompts(10)
+    served = triton_target(triton_server.url).generate(prompt, 8)
+    local = inprocess_target().generate(prompt, 8)
+    if 50256 in served.token_ids:  # the server stops at end-of-text, in-process never does
+        served.token_ids = served.token_ids[: served.token_ids.index(50256) + 1]
+        local.token_ids = local.token_ids[: len(served.token_ids)]
+    assert local.token_ids == served.token_ids
+    assert len(local.step_ms) == 8 and local.latency_ms >= sum(local.step_ms)
+
+    plan = MeasurementPlan(
+        warmup=0, iterations=2, new_tokens=4, prompt_lengths=(), concurrency_levels=(2,),
+        concurrency_iterations=1, progress=False,
+    )  # fmt: skip
+    run = measure_target(inprocess_target(), plan, prompts)
+    assert run.statistics_check() == []  # no server, no statistics
+    back = read_results(write_results(run.rows, tmp_path / "r.csv"))
+    assert {r["target"] for r in back} == {"inprocess-cpu"}
+    assert {r["method"] for r in back} == {"generate", "decode_token"}
+    decode = [r for r in back if r["method"] == "decode_token"]
+    assert len(decode) == 2
+    assert all(r["notes"] == "measured: mean of the 3 decode steps of one call" for r in decode)
+    assert all(r["server_compute_ms"] is None for r in back)
+
+
+@pytest.mark.slow
+def test_oci_target_sends_signed_requests(triton_server, prompts, tmp_path):
+    import oci
+    from oci_standin import OciStandIn, make_test_credentials
+
+    creds = make_test_credentials(tmp_path / "creds")
+    signer = oci.signer.Signer.from_config(oci.config.from_file(str(creds.config_file)))
+    deployment_id = "ocid1.datasciencemodeldeployment.oc1.iad.latencytest"
+    with OciStandIn(creds, triton_url=triton_server.url) as standin:
+        standin.deployments[deployment_id] = oci.data_science.models.ModelDeployment(
+            id=deployment_id, lifecycle_state="ACTIVE"
+        )
+        url = f"{standin.url}/{deployment_id}/predict"
+        target = oci_target(url, signer, name="oci-gpu", shape="VM.GPU.A10.1")
+        assert target.stats() is None
+        prompt = prompts(10)
+        next_token = measure_series(target, "ensemble_next_token", prompt, count=2)
+        generate = measure_series(target, "generate", prompt, new_tokens=3, count=1)
+        assert next_token.stats_delta is None and next_token.model is None
+        assert [f["model_name"] for f in standin.forwarded] == ["ensemble_model"] * 2 + ["generate"]
+        assert standin.unhandled == []
+
+        unsigned = oci_target(url, None, name="oci-gpu", shape="VM.GPU.A10.1")
+        with pytest.raises(TutorialError, match=r"^oci-gpu: HTTP 401 from .*predict \(generate\)"):
+            unsigned.generate(prompt, 3)
+
+    back = read_results(write_results(next_token.rows + generate.rows, tmp_path / "r.csv"))
+    assert {r["device_name"] for r in back} == {"OCI VM.GPU.A10.1"}
+    assert {r["shape"] for r in back} == {"VM.GPU.A10.1"}
+    assert all(r["server_queue_ms"] is None and r["server_compute_ms"] is None for r in back)
+    assert back[-1]["new_tokens"] == len(generate.results[0].token_ids)
+
+
+@pytest.mark.slow
+def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
+    import nbformat
+    import onnxruntime
+    import papermill
+
+    readme_copy = tmp_path / "latency_cpu_gpu.png"
+    out = tmp_path / "07_latency_cpu_gpu.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "07_latency_cpu_gpu.ipynb"),
+        str(out),
+        parameters={
+            "WARMUP": 1,
+            "ITERATIONS": 2,
+            "NEW_TOKENS": 4,
+            "PROMPT_LENGTHS": [8],
+            "CONCURRENCY_LEVELS": [1, 2],
+            "CONCURRENCY_ITERATIONS": 1,
+            "MAX_SECONDS_PER_SERIES": 60,
+            "WRITE_README_IMAGE": True,
+            "README_IMAGE": str(readme_copy),
+        },
+        cwd=str(ROOT / "notebooks"),
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    plots_dir = tiny_workdir / "results" / "plots"
+    names = (
+        "latency_p50_p95_by_target.png",
+        "latency_vs_prompt_length.png",
+        "latency_cdf.png",
+        "throughput_vs_concurrency.png",
+    )
+    for name in names:
+        assert (plots_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert readme_copy.read_bytes() == (plots_dir / names[0]).read_bytes()
+
+    rows = read_results(str(tiny_workdir / "results" / "latency_*.csv"))
+    targets = {r["target"] for r in rows}
+    assert {"local-cpu", "inprocess-cpu"} <= targets
+    executed = nbformat.read(out, as_version=4)
+    shown = [
+        o
+        for c in executed.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
+    assert len(shown) == 4
+    text = "".join(
+        o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs
+    )
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert "local-gpu" not in targets
+        assert "drawn as 'not measured': ['local-gpu', 'oci-cpu', 'oci-gpu']" in text

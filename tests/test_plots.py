@@ -1,0 +1,404 @@
+"""The results file (schema, round trip, validation, summaries) and the latency plots.
+
+Every row here is SYNTHETIC TEST DATA, marked so in its ``model`` and ``notes`` columns (and
+so in every figure title drawn from it); none of it is a measurement.
+"""
+
+from __future__ import annotations
+
+import csv
+import platform
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from tutorial import plots
+from tutorial.results import (
+    RESULT_COLUMNS,
+    ResultsError,
+    format_summary,
+    read_results,
+    summarize,
+    write_results,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SYNTHETIC = "SYNTHETIC TEST DATA"
+CPU = "Synthetic Xeon 8358 (test data)"
+GPU = "Synthetic A10 (test data)"
+
+
+def synthetic_row(**overrides) -> dict:
+    """One complete synthetic row (a test fixture, not a measurement)."""
+    row = {
+        "target": "local-cpu",
+        "method": "generate",
+        "model": "synthetic test data",
+        "model_variant": "fp32",
+        "weights": "random-offline",
+        "device_name": CPU,
+        "shape": "local",
+        "sweep": "reference",
+        "prompt_tokens": 10,
+        "new_tokens": 50,
+        "concurrency": 1,
+        "iteration": 0,
+        "started_at": 1000.0,
+        "latency_ms": 100.0,
+        "notes": SYNTHETIC,
+    }
+    row.update(overrides)
+    return row
+
+
+def synthetic_rows(targets=("local-cpu", "oci-gpu")) -> list[dict]:
+    """A small data set for every figure: reference point, prompt sweep, concurrency sweep."""
+    rows = []
+    clock = 1000.0
+    for target in targets:
+        gpu = "gpu" in target
+        extra = {
+            "target": target,
+            "device_name": GPU if gpu else CPU,
+            "shape": ("VM.GPU.A10.1" if gpu else "VM.Standard.E4.Flex")
+            if target.startswith("oci")
+            else "local",
+        }
+        scale = 0.25 if gpu else 1.0
+        for prompt in (10, 32, 128):
+            sweep = "reference" if prompt == 10 else "prompt_length"
+            for method, new, base in (
+                ("ensemble_next_token", 1, 50.0 + prompt),
+                ("generate", 1, 40.0 + prompt),
+                ("generate", 50, 1000.0),
+                ("decode_token", 1, 19.0),
+            ):
+                if target == "inprocess-cpu" and method == "ensemble_next_token":
+                    continue
+                for i in range(8):
+                    latency = scale * base * (1 + i / 40)
+                    rows.append(
+                        synthetic_row(
+                            **extra, method=method, sweep=sweep, prompt_tokens=prompt,
+                            new_tokens=new, iteration=i, started_at=clock, latency_ms=latency,
+                        )
+                    )  # fmt: skip
+                    clock += latency / 1000
+        for level in (1, 2, 4):
+            for i in range(2 * level):
+                latency = scale * 1000.0 * max(1, level / 2)
+                rows.append(
+                    synthetic_row(
+                        **extra, sweep="concurrency", concurrency=level, iteration=i,
+                        started_at=clock + (i // level) * latency / 1000, latency_ms=latency,
+                    )
+                )  # fmt: skip
+            clock += 3 * latency / 1000
+    return rows
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A fresh TUTORIAL_WORKDIR with a state file that records the tiny model."""
+    monkeypatch.setenv("TUTORIAL_WORKDIR", str(tmp_path))
+    from tutorial.common import update_state
+
+    update_state("model", weights="random-offline", size="tiny", n_layer=2, n_head=2, n_embd=64)
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------
+# results file
+
+
+def test_round_trip_keeps_every_value(workdir):
+    rows = [
+        synthetic_row(
+            iteration=i, latency_ms=100.25 + i, started_at=1000.5 + i, server_queue_ms=0.5
+        )
+        for i in range(3)
+    ]
+    path = write_results(rows, workdir / "results" / "r.csv")
+    with path.open(newline="") as handle:
+        assert next(csv.reader(handle)) == list(RESULT_COLUMNS)
+    back = read_results(path)
+    assert len(back) == 3
+    for written, read in zip(rows, back, strict=True):
+        for column, value in written.items():
+            assert read[column] == value, column
+        assert read["server_compute_ms"] is None  # empty cell = unknown
+        assert read["tokens_per_s"] == pytest.approx(50 / (written["latency_ms"] / 1000), abs=1e-3)
+        assert read["python"] == platform.python_version() == sys.version.split()[0]
+        assert read["hostname"] == platform.node()
+    assert len({r["run_id"] for r in back}) == 1
+
+
+def test_append_keeps_one_header_and_separate_runs(workdir):
+    path = workdir / "r.csv"
+    write_results([synthetic_row(iteration=0)], path)
+    write_results([synthetic_row(iteration=1)], path)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3
+    assert lines[0] == ",".join(RESULT_COLUMNS)
+    back = read_results(str(workdir / "*.csv"))
+    assert [r["iteration"] for r in back] == [0, 1]
+    assert back[0]["run_id"] != back[1]["run_id"]
+
+
+def test_metadata_defaults_come_from_state_and_machine(workdir):
+    from tutorial.common import machine_metadata
+
+    row = synthetic_row()
+    for column in ("weights", "model", "device_name", "shape", "concurrency", "sweep", "notes"):
+        del row[column]
+    (back,) = read_results(write_results([row], workdir / "r.csv"))
+    assert back["weights"] == "random-offline"
+    assert back["model"] == "tiny test model (n_layer=2, n_head=2, n_embd=64)"
+    assert back["device_name"] == machine_metadata()["cpu"]
+    assert back["shape"] == "local"
+    assert back["concurrency"] == 1
+    assert back["sweep"] == "" and back["notes"] == ""
+
+
+BAD_ROWS = [
+    (
+        {"model_variant": "fp16"},
+        "row 0: model_variant must be one of ('fp32', 'int8'), not 'fp16'.",
+    ),
+    (
+        {"weights": "pretrained"},
+        "row 0: weights must be one of ('real', 'random-offline'), not 'pretrained'.",
+    ),
+    ({"latency_ms": 0}, "row 0: latency_ms must be > 0, not 0.0."),
+    ({"latency_ms": "fast"}, "row 0: latency_ms must be a number, not 'fast'."),
+    ({"latency_ms": float("nan")}, "row 0: latency_ms must be a finite number, not nan."),
+    ({"iteration": 1.5}, "row 0: iteration must be an integer, not 1.5."),
+    ({"concurrency": 0}, "row 0: concurrency must be >= 1, not 0."),
+    ({"server_queue_ms": -1}, "row 0: server_queue_ms must be >= 0, not -1.0."),
+    ({"method": ""}, "row 0: method is empty; every row needs it."),
+    (
+        {"target": "Local CPU"},
+        "row 0: target 'Local CPU' must be lower-case letters, digits and '-' "
+        "(e.g. local-cpu, oci-gpu).",
+    ),
+    (
+        {"colour": "red"},
+        "row 0: unknown column(s) colour; the schema is tutorial.results.RESULT_COLUMNS.",
+    ),
+    (
+        {"target": "local-gpu", "device_name": ""},
+        "row 0: device_name is empty for GPU target 'local-gpu'; pass the GPU's name "
+        "(e.g. from nvidia-smi), it cannot be guessed from this machine.",
+    ),
+    (
+        {"target": "oci-cpu", "device_name": "OCI E4", "shape": None},
+        "row 0: shape is empty for 'oci-cpu'; pass the OCI shape.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_ROWS)
+def test_bad_rows_are_refused_and_nothing_is_written(workdir, change, message):
+    path = workdir / "r.csv"
+    write_results([synthetic_row()], path)
+    before = path.read_bytes()
+    with pytest.raises(ResultsError, match=f"^{re.escape(message)}$"):
+        write_results([synthetic_row(**change)], path)
+    assert path.read_bytes() == before
+
+
+def test_second_bad_row_is_named(workdir):
+    with pytest.raises(ResultsError, match=r"^row 1: latency_ms must be > 0"):
+        write_results([synthetic_row(), synthetic_row(latency_ms=-3)], workdir / "r.csv")
+    assert not (workdir / "r.csv").exists()
+
+
+def test_read_refuses_other_schemas_and_missing_files(workdir):
+    other = workdir / "old.csv"
+    other.write_text("target,latency_ms\nlocal-cpu,12.5\n")
+    with pytest.raises(ResultsError, match=r"columns differ from tutorial.results.RESULT_COLUMNS"):
+        read_results(other)
+    with pytest.raises(ResultsError, match=r"old.csv has different columns"):
+        write_results([synthetic_row()], other)
+    with pytest.raises(ResultsError, match=r"results file .*nothere.csv does not exist"):
+        read_results(workdir / "nothere.csv")
+    assert read_results([str(workdir / "nothing-*.csv")]) == []
+
+
+def test_read_reports_file_and_line_of_a_bad_row(workdir):
+    path = write_results([synthetic_row(), synthetic_row(iteration=1)], workdir / "r.csv")
+    text = path.read_text().splitlines()
+    text[2] = text[2].replace(",fp32,", ",fp64,")
+    path.write_text("\n".join(text) + "\n")
+    with pytest.raises(ResultsError, match=rf"^{re.escape(str(path))} line 3: model_variant"):
+        read_results(path)
+
+
+def test_summarize_percentiles_and_throughput():
+    rows = [
+        synthetic_row(iteration=i, latency_ms=float(i + 1), started_at=1000 + i / 1000, run_id="r")
+        for i in range(100)
+    ]
+    (summary,) = summarize([_complete(r) for r in rows])
+    assert summary["count"] == 100
+    assert summary["p50_ms"] == pytest.approx(50.5)
+    assert summary["p90_ms"] == pytest.approx(90.1)
+    assert summary["p95_ms"] == pytest.approx(95.05)
+    assert summary["p99_ms"] == pytest.approx(99.01)
+    assert summary["mean_ms"] == pytest.approx(50.5)
+    # one call after another: 5000 tokens over the sum of the latencies, 5.05 s
+    assert summary["throughput_tokens_per_s"] == pytest.approx(5000 / 5.05)
+    # median of the per-call rates 50 tokens / (i ms): between the 50th and the 51st call
+    assert summary["tokens_per_s"] == pytest.approx((50_000 / 50 + 50_000 / 51) / 2)
+    table = format_summary([summary])
+    assert "p95_ms" in table.splitlines()[0] and "95.05" in table
+
+
+def test_throughput_of_overlapping_calls_uses_wall_time():
+    # 4 calls of 100 ms, 2 at a time: starts at 0, 0, 0.1, 0.1 s -> 0.2 s of wall time
+    rows = [
+        _complete(
+            synthetic_row(iteration=i, concurrency=2, started_at=1000 + (i // 2) / 10, run_id="r")
+        )
+        for i in range(4)
+    ]
+    (summary,) = summarize(rows)
+    assert summary["throughput_tokens_per_s"] == pytest.approx(200 / 0.2)
+    assert summary["tokens_per_s"] == pytest.approx(500)
+    # a row from a tool that does not record start times does not change it
+    untimed = _complete(synthetic_row(concurrency=2, started_at=None, run_id="other"))
+    (summary,) = summarize([*rows, untimed])
+    assert summary["throughput_tokens_per_s"] == pytest.approx(200 / 0.2)
+    (summary,) = summarize([untimed])
+    assert summary["throughput_tokens_per_s"] is None
+
+
+def test_summarize_keeps_models_and_targets_apart():
+    rows = [
+        _complete(synthetic_row(target=t, model=m))
+        for t in ("local-cpu", "oci-cpu")
+        for m in ("a", "b")
+    ]
+    assert len(summarize(rows)) == 4
+
+
+def _complete(row: dict) -> dict:
+    from tutorial.results import complete_row
+
+    return complete_row(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def test_every_plot_is_a_png(workdir):
+    path = write_results(
+        synthetic_rows(("local-cpu", "inprocess-cpu", "oci-gpu")), workdir / "r.csv"
+    )
+    written = plots.make_all_plots(read_results(path), workdir / "plots")
+    assert set(written) == set(plots.PLOT_FILES)
+    import matplotlib.image
+
+    for name, png in written.items():
+        assert png == workdir / "plots" / plots.PLOT_FILES[name]
+        data = png.read_bytes()
+        assert data[:8] == PNG_SIGNATURE, name
+        assert len(data) > 10_000, name
+        height, width, channels = matplotlib.image.imread(png).shape
+        assert height > 300 and width > 500 and channels in (3, 4)
+
+
+def _texts(fig) -> list[str]:
+    return plots.figure_texts(fig)
+
+
+def test_missing_targets_are_drawn_not_measured():
+    rows = [_complete(r) for r in synthetic_rows(("local-cpu", "oci-gpu"))]
+    fig = plots.plot_latency_bars(rows)
+    texts = _texts(fig)
+    # local-gpu and oci-cpu are missing: one "not measured" slot each in each of 3 panels
+    assert sum(t == plots.NOT_MEASURED for t in texts) == 6
+    ticks = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()]
+    assert sum(t.startswith("local-gpu") for t in ticks) == 3
+    # nothing drawn in those slots: every bar sits at local-cpu (0) or oci-gpu (3)
+    from matplotlib.patches import Rectangle
+
+    for ax in fig.axes:
+        centers = {
+            round(p.get_x() + p.get_width() / 2) for p in ax.patches if isinstance(p, Rectangle)
+        }
+        assert centers == {0, 3}
+    for plot in (plots.plot_latency_vs_prompt, plots.plot_latency_cdf):
+        texts = _texts(plot(rows))
+        assert "local-gpu: not measured" in texts
+        assert "oci-cpu: not measured" in texts
+        assert "local-cpu: not measured" not in texts
+    texts = _texts(plots.plot_throughput_vs_concurrency(rows))
+    assert "local-gpu: not measured" in texts
+
+
+def test_measured_gpu_fills_its_slot():
+    rows = [_complete(r) for r in synthetic_rows(("local-cpu", "local-gpu", "oci-cpu", "oci-gpu"))]
+    texts = _texts(plots.plot_latency_bars(rows))
+    assert plots.NOT_MEASURED not in texts
+    assert not any("not measured" in t for t in _texts(plots.plot_latency_cdf(rows)))
+
+
+def test_nothing_measured_at_all_still_draws_labelled_slots():
+    fig = plots.plot_latency_bars([])
+    assert sum(t == plots.NOT_MEASURED for t in _texts(fig)) == 12
+    assert "no measurements" in fig.get_suptitle()
+
+
+def test_titles_say_what_on_which_devices_and_weights():
+    rows = [_complete(r) for r in synthetic_rows(("local-cpu", "oci-gpu"))]
+    for plot in (
+        plots.plot_latency_bars,
+        plots.plot_latency_vs_prompt,
+        plots.plot_latency_cdf,
+        plots.plot_throughput_vs_concurrency,
+    ):
+        fig = plot(rows)
+        title = fig.get_suptitle()
+        assert "weights: random-offline" in title
+        assert "model: synthetic test data (fp32)" in title
+        assert title.startswith(("GPT-2 latency", "Latency CDF", "Throughput"))
+        assert SYNTHETIC in title
+        joined = "\n".join(_texts(fig))
+        assert "Synthetic A10" in joined and "Synthetic Xeon" in joined
+    ticks = [
+        t.get_text() for ax in plots.plot_latency_bars(rows).axes for t in ax.get_xticklabels()
+    ]
+    assert any(t.startswith("oci-gpu\nVM.GPU.A10.1\nSynthetic A10") for t in ticks)
+    assert any(
+        "generate: 50 new tokens, prompt 10 tokens" == t
+        for t in _texts(plots.plot_latency_bars(rows))
+    )
+
+
+def test_figures_never_mix_models(workdir):
+    rows = [_complete(r) for r in synthetic_rows(("local-cpu",))]
+    other = [
+        _complete(
+            synthetic_row(
+                model="another model", target="oci-gpu", device_name=GPU, shape="VM.GPU.A10.1"
+            )
+        )
+    ]
+    kept = plots.choose_model(rows + other)
+    assert {r["model"] for r in kept} == {"synthetic test data"}
+    assert plots.choose_model(rows + other, "another model") == other
+    with pytest.raises(ResultsError, match=r"no rows for model 'gpt2 124M'"):
+        plots.choose_model(rows, "gpt2 124M")
+    written = plots.make_all_plots(rows + other, workdir / "plots")
+    assert all(p.exists() for p in written.values())
+
+
+def test_copy_for_readme(workdir):
+    rows = [_complete(r) for r in synthetic_rows(("local-cpu",))]
+    written = plots.make_all_plots(rows, workdir / "plots")
+    copy = plots.copy_for_readme(written, workdir / "images" / "latency_cpu_gpu.png")
+    assert copy.read_bytes() == written["latency_bars"].read_bytes()
