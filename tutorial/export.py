@@ -257,6 +257,31 @@ def ort_logits(session: Any, input_ids: list[int], output: str = "logits") -> np
     return session.run([output], feeds)[0]
 
 
+def weight_bytes_read_per_step(path: Path) -> dict[str, int]:
+    """Bytes of weights one decode step must read: every initializer except those only
+    gathered from (the embedding tables: a step reads one row of each).
+
+    Divided by the memory bandwidth, this is the decode floor on a CPU.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, set()).add(
+                "Gather.data" if node.op_type == "Gather" and i == 0 else node.op_type
+            )
+    total = gathered = 0
+    for init in model.graph.initializer:
+        size = numpy_helper.to_array(init).nbytes
+        total += size
+        if consumers.get(init.name) == {"Gather.data"}:
+            gathered += size
+    return {"all_weights": total, "gathered_only": gathered, "read_per_step": total - gathered}
+
+
 def quantize_int8(fp32: Path, output: Path) -> dict[str, Any]:
     """Dynamic int8 quantization of the weights (onnxruntime.quantization), for CPU shapes."""
     from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -80,7 +80,8 @@ class TritonPythonModel:
             raise RuntimeError(f"{self.step_model} failed: {response.error().message()}")
         logits = pb_utils.get_output_tensor_by_name(response, "logits").as_numpy()
         present = pb_utils.get_output_tensor_by_name(response, "present")
-        return logits, pb_utils.Tensor("past", present.as_numpy())
+        # The cache goes back in as `past` without a copy in this process (DLPack view).
+        return logits, pb_utils.Tensor.from_dlpack("past", present.to_dlpack())
 
     def generate(self, request):
         text = read_text(request)
