@@ -171,6 +171,15 @@ def _select(
     ]
 
 
+def _at_reference(
+    rows: list[dict[str, Any]], target: str, method: str, point: tuple[int, int] | None
+) -> list[dict[str, Any]]:
+    """A target's rows for ``method`` at concurrency 1 and the reference (prompt, new tokens)."""
+    if point is None:
+        return []
+    return _select(rows, target, method, concurrency=1, prompt_tokens=point[0], new_tokens=point[1])
+
+
 def _not_measured_slot(ax: Any, x: float, why: str = "") -> None:
     text = NOT_MEASURED + (f"\n{why}" if why else "")
     ax.text(
@@ -219,13 +228,7 @@ def plot_latency_bars(
         point = reference_point(rows, method)
         width = 0.38
         for x, target in enumerate(slots):
-            picked = (
-                _select(
-                    rows, target, method, concurrency=1, prompt_tokens=point[0], new_tokens=point[1]
-                )
-                if point
-                else []
-            )
+            picked = _at_reference(rows, target, method, point)
             if not picked:
                 _not_measured_slot(ax, x)
                 continue
@@ -351,13 +354,7 @@ def plot_latency_cdf(
         point = reference_point(rows, method)
         missing = []
         for target in slots:
-            picked = (
-                _select(
-                    rows, target, method, concurrency=1, prompt_tokens=point[0], new_tokens=point[1]
-                )
-                if point
-                else []
-            )
+            picked = _at_reference(rows, target, method, point)
             if not picked:
                 missing.append(target)
                 continue

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tutorial.common import TutorialError, workdir
+from tutorial.repository import OCI_REPOSITORY_PATH
 
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+TOKENIZERS_PIN = "tokenizers==0.22.1"  # as in requirements.txt and docker/Dockerfile
 SHIM_MODEL = Path(__file__).with_name("onnx_shim_model.py")
 
 
@@ -216,18 +218,80 @@ def _launch_bundled(repository: Path, http_port: int, log_path: Path) -> TritonS
     )
 
 
+def gpu_present() -> bool:
+    """True when ``nvidia-smi`` lists a GPU (Docker then gets ``--gpus all``)."""
+    if not shutil.which("nvidia-smi"):
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def cpu_repository(repository: Path, dest: Path) -> Path:
+    """A copy of ``repository`` whose instance groups all run on the CPU, for a machine
+    without a GPU. Files are hard-linked (no copy of the weights) where the filesystem allows;
+    only the configs are rewritten."""
+    from tutorial.repository import load_config, set_instance_kind, write_config
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(repository).rglob("*")):
+        target = dest / path.relative_to(repository)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.name == "config.pbtxt":
+            config = load_config(path)
+            if config.platform != "ensemble":
+                set_instance_kind(config, "KIND_CPU")
+            write_config(config, target)
+        else:
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+    return dest
+
+
+def docker_command(
+    repository: Path, http_port: int, image: str, name: str, gpus: bool
+) -> list[str]:
+    """``docker run`` for the repository, mounted read-only where OCI mounts the artifact.
+
+    The plain NGC image lacks the tokenizer package the python-backend models import; with it,
+    the container installs the pinned ``tokenizers`` before starting Triton (the image built in
+    notebook 05 has it already).
+    """
+    serve = ["tritonserver", f"--model-repository={OCI_REPOSITORY_PATH}"]
+    if image == NGC_IMAGE:
+        serve = [
+            "bash",
+            "-c",
+            f"pip install -q --no-deps {TOKENIZERS_PIN} && exec {' '.join(serve)}",
+        ]
+    return [
+        "docker", "run", "--rm", "--name", name, "--shm-size=1g",
+        *(["--gpus", "all"] if gpus else []),
+        "-p", f"127.0.0.1:{http_port}:8000",
+        "-v", f"{Path(repository).resolve()}:{OCI_REPOSITORY_PATH}:ro",
+        image, *serve,
+    ]  # fmt: skip
+
+
 def _launch_docker(repository: Path, http_port: int, log_path: Path, image: str) -> TritonServer:
     name = f"tutorial-triton-{http_port}"
-    cmd = [
-        "docker", "run", "--rm", "--name", name, "--shm-size=1g",
-        "-p", f"127.0.0.1:{http_port}:8000",
-        "-v", f"{Path(repository).resolve()}:/opt/ds/model/deployed_model/model_repository:ro",
-        image, "tritonserver", "--model-repository=/opt/ds/model/deployed_model/model_repository",
-    ]  # fmt: skip
+    gpus = gpu_present()
+    tmp = None
+    if not gpus:
+        tmp = tempfile.TemporaryDirectory(prefix="triton-cpu-repo-", dir=workdir())
+        repository = cpu_repository(repository, Path(tmp.name) / "model_repository")
+    cmd = docker_command(repository, http_port, image, name, gpus)
     log = open(log_path, "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     log.close()
-    return TritonServer(f"http://127.0.0.1:{http_port}", "docker", proc, log_path, container=name)
+    return TritonServer(
+        f"http://127.0.0.1:{http_port}", "docker", proc, log_path, container=name, _tmp=tmp
+    )
 
 
 @contextmanager
