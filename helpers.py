@@ -17,6 +17,7 @@ from tutorial.client import (  # noqa: F401
     retokenizes_same,
     seed_payload,
     stats_table,
+    stream_generate,
     text_loop,
 )
 from tutorial.common import (  # noqa: F401

@@ -100,7 +100,15 @@ def test_template_configs_parse_and_are_wired():
     from tutorial.repository import load_config
 
     names = sorted(p.parent.name for p in (ROOT / "model_repository").glob("*/config.pbtxt"))
-    assert names == ["decoder", "encoder", "ensemble_model", "generate", "gpt2", "gpt2_with_past"]
+    assert names == [
+        "decoder",
+        "encoder",
+        "ensemble_model",
+        "generate",
+        "generate_stream",
+        "gpt2",
+        "gpt2_with_past",
+    ]
     ens = load_config(ROOT / "model_repository" / "ensemble_model" / "config.pbtxt")
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["encoder", "gpt2", "decoder"]
     assert [t.name for t in ens.input] == ["TEXT"] and ens.max_batch_size == 0

@@ -220,3 +220,30 @@ def test_load_8_clients_x_20_requests(triton_server, tiny_reference):
     assert sum(len(a) for a in answers.values()) == 160
     for prompt, got in answers.items():
         assert got == [expected[prompt]] * 20, prompt
+
+
+def test_generate_stream_sends_each_token_as_it_comes(triton_server, tiny_reference):
+    from tutorial.client import stream_generate
+
+    tf_model, tok = tiny_reference
+    events = list(stream_generate(triton_server.url, PROMPT, 30))
+    ids = [i for _, piece_ids in events for i in piece_ids]
+    assert ids == reference_generate(tf_model, tok, PROMPT, 30)
+    assert len(events) >= 30  # one event per token (plus one if a character was held back)
+    assert "".join(piece for piece, _ in events) == tok.decode(ids)
+    assert (
+        "".join(piece for piece, _ in events)
+        == generate(triton_server, PROMPT, 30).json()["outputs"][0]["data"][0]
+    )
+
+
+def test_generate_stream_bad_input(triton_server):
+    from tutorial.client import stream_generate
+    from tutorial.common import TutorialError
+
+    with pytest.raises(TutorialError, match="HTTP 400: TEXT is empty: send at least one character"):
+        list(stream_generate(triton_server.url, "", 5))
+    with pytest.raises(
+        TutorialError, match="MAX_NEW_TOKENS must be one integer from 1 to 1000, got 0"
+    ):
+        list(stream_generate(triton_server.url, PROMPT, 0))

@@ -53,6 +53,31 @@ def next_token_tritonclient(client: Any, text: str) -> str:
     return result.as_numpy("NEXT_TOKEN")[0].decode("utf-8")
 
 
+def stream_generate(url: str, text: str, max_new_tokens: int = 50, timeout: float = 60.0) -> Any:
+    """Tokens from the decoupled `generate_stream` model as they come (HTTP server-sent events).
+
+    Yields ``(text_piece, token_ids)`` per event; raises with Triton's message on an error.
+    """
+    import json
+
+    import requests
+
+    body = {"TEXT": text, "MAX_NEW_TOKENS": max_new_tokens}
+    with requests.post(
+        f"{url}/v2/models/generate_stream/generate_stream", json=body, stream=True, timeout=timeout
+    ) as response:
+        for line in response.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data:"):
+                continue
+            event = json.loads(line.removeprefix("data:"))
+            if "error" in event:
+                raise TutorialError(
+                    f"generate_stream answered HTTP {response.status_code}: {event['error']}"
+                )
+            ids = event["TOKEN_IDS"]
+            yield event["GENERATED_TEXT"], ids if isinstance(ids, list) else [ids]
+
+
 def text_loop(
     next_token: Callable[[str], str], prompt: str, new_tokens: int
 ) -> tuple[str, list[str]]:

@@ -16,7 +16,7 @@ OCI_ARTIFACT_ROOT = "/opt/ds/model/deployed_model"
 OCI_REPOSITORY_PATH = f"{OCI_ARTIFACT_ROOT}/model_repository"
 
 #: Python-backend models that read GPT-2's vocab files from their version folder.
-TOKENIZER_MODELS = ("encoder", "decoder", "generate")
+TOKENIZER_MODELS = ("encoder", "decoder", "generate", "generate_stream")
 VOCAB_FILES = ("vocab.json", "merges.txt")
 CONFIG_TO_ONNX_DTYPE = {"TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_FP32": "FLOAT"}
 

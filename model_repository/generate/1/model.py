@@ -1,5 +1,8 @@
 """Triton python backend (BLS): greedy generation with a KV cache, the loop on the server.
 
+Serves both `generate` (one response with all tokens) and, in decoupled mode, `generate_stream`
+(one response per token as it comes); `generate_stream/1/model.py` links to this file.
+
 One request in, N tokens out: tokenize once, prefill through `gpt2_with_past` with an empty
 cache, then feed one token per step with the cache it returned. The ONNX model does the math
 (on the GPU in a GPU deployment); this model only loops. Imports nothing from the repository.
@@ -49,6 +52,8 @@ class TritonPythonModel:
         self.tokenizer = ByteLevelBPETokenizer(str(here / "vocab.json"), str(here / "merges.txt"))
         self.tokenizer.add_special_tokens([END_OF_TEXT])
         self.eos = self.tokenizer.token_to_id(END_OF_TEXT)
+        # The same file serves `generate` (one response) and `generate_stream` (decoupled).
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
 
     def max_new_tokens(self, request) -> int:
         tensor = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
@@ -83,28 +88,69 @@ class TritonPythonModel:
         # The cache goes back in as `past` without a copy in this process (DLPack view).
         return logits, pb_utils.Tensor.from_dlpack("past", present.to_dlpack())
 
-    def generate(self, request):
+    def prepare(self, request):
+        """Check the request; return the prompt's token ids and how many tokens to make."""
         text = read_text(request)
         max_new = self.max_new_tokens(request)
-        prompt = self.tokenizer.encode(text).ids[-(self.context - 1) :]
+        return self.tokenizer.encode(text).ids[-(self.context - 1) :], max_new
+
+    def tokens(self, prompt, max_new):
+        """Greedy tokens, one per step: prefill with an empty cache, then one token a step."""
         past = pb_utils.Tensor("past", np.zeros(self.past_shape, dtype=np.float32))
-        ids, length, new = prompt, len(prompt), []
-        while len(new) < max_new and length <= self.context:
+        ids, length, count = prompt, len(prompt), 0
+        while count < max_new and length <= self.context:
             logits, past = self.step(ids, length, past)
             token = int(np.argmax(logits[0]))
-            new.append(token)
+            count += 1
+            yield token
             if token == self.eos or length == self.context:
-                break
+                return
             ids, length = [token], length + 1
-        generated = self.tokenizer.decode(new, skip_special_tokens=False)
+
+    @staticmethod
+    def outputs(text, ids):
         return [
-            pb_utils.Tensor(
-                "GENERATED_TEXT", np.asarray([generated.encode("utf-8")], dtype=object)
-            ),
-            pb_utils.Tensor("TOKEN_IDS", np.asarray(new, dtype=np.int64)),
+            pb_utils.Tensor("GENERATED_TEXT", np.asarray([text.encode("utf-8")], dtype=object)),
+            pb_utils.Tensor("TOKEN_IDS", np.asarray(ids, dtype=np.int64)),
         ]
 
+    def stream(self, request):
+        """Decoupled mode: one response per token as it comes, then a final flag.
+
+        Each response carries the new text since the last one; a token that ends inside a
+        multi-byte character is held back until the character is complete, so the pieces
+        joined equal the non-streaming GENERATED_TEXT.
+        """
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            prompt, max_new = self.prepare(request)
+            new, sent = [], ""
+            for token in self.tokens(prompt, max_new):
+                new.append(token)
+                text = self.tokenizer.decode(new, skip_special_tokens=False)
+                piece = "" if text.endswith("\ufffd") else text[len(sent) :]
+                sent += piece
+                sender.send(pb_utils.InferenceResponse(output_tensors=self.outputs(piece, [token])))
+            text = self.tokenizer.decode(new, skip_special_tokens=False)
+            if text != sent:
+                sender.send(pb_utils.InferenceResponse(output_tensors=self.outputs(text[len(sent) :], [])))
+            sender.send(flags=final)
+        except InputError as exc:
+            error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+            sender.send(pb_utils.InferenceResponse(error=error), flags=final)
+        except Exception as exc:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=final)
+
+    def generate(self, request):
+        new = list(self.tokens(*self.prepare(request)))
+        return self.outputs(self.tokenizer.decode(new, skip_special_tokens=False), new)
+
     def execute(self, requests):
+        if self.decoupled:
+            for request in requests:
+                self.stream(request)
+            return None
         responses = []
         for request in requests:
             try:
