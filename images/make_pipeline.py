@@ -17,7 +17,14 @@ BOXES = {
     "encoder": (2.6, 3.1, 1.8, 1.0, "encoder\npython, CPU\ntext -> token ids", "#cfe2f3"),
     "gpt2": (5.9, 3.1, 1.8, 1.0, "gpt2\nonnxruntime, GPU|CPU\n-> last_logits", "#d9ead3"),
     "decoder": (9.2, 3.1, 1.8, 1.0, "decoder\npython, CPU\nargmax -> text", "#cfe2f3"),
-    "generate": (2.6, 0.6, 1.8, 1.0, "generate (BLS)\n+ generate_stream\nloop + KV cache", "#fce5cd"),
+    "generate": (
+        2.6,
+        0.6,
+        1.8,
+        1.0,
+        "generate (BLS)\n+ generate_stream\nloop + KV cache",
+        "#fce5cd",
+    ),
     "past": (5.9, 0.6, 1.8, 1.0, "gpt2_with_past\nonnxruntime\nfp32 GPU | int8 CPU", "#d9ead3"),
 }
 ARROWS = [

@@ -134,13 +134,17 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(output_tensors=self.outputs(piece, [token])))
             text = self.tokenizer.decode(new, skip_special_tokens=False)
             if text != sent:
-                sender.send(pb_utils.InferenceResponse(output_tensors=self.outputs(text[len(sent) :], [])))
+                sender.send(
+                    pb_utils.InferenceResponse(output_tensors=self.outputs(text[len(sent) :], []))
+                )
             sender.send(flags=final)
         except InputError as exc:
             error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
             sender.send(pb_utils.InferenceResponse(error=error), flags=final)
         except Exception as exc:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=final)
+            sender.send(
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=final
+            )
 
     def generate(self, request):
         new = list(self.tokens(*self.prepare(request)))
