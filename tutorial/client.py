@@ -168,10 +168,8 @@ def stats_table(url: str, models: list[str]) -> list[dict[str, Any]]:
 def launch_local_triton(repository: Path, **kwargs: Any) -> Any:
     """Start a local Triton for a notebook: stopped by :meth:`stop`, and in any case when the
     kernel exits (also after a failed cell), so no server outlives the notebook."""
-    from tutorial.triton_local import start_local_triton
+    from tutorial.triton_local import launch_triton
 
-    context = start_local_triton(repository, **kwargs)
-    server = context.__enter__()
-    server.stop_context = lambda: context.__exit__(None, None, None)
+    server = launch_triton(repository, **kwargs)
     atexit.register(server.stop)
     return server

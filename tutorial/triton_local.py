@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tutorial.common import TutorialError, workdir
 from tutorial.repository import OCI_REPOSITORY_PATH
@@ -294,16 +295,16 @@ def _launch_docker(repository: Path, http_port: int, log_path: Path, image: str)
     )
 
 
-@contextmanager
-def start_local_triton(
+def launch_triton(
     repository: Path,
     runtime: str = "auto",
     timeout: float = 180.0,
     http_port: int | None = None,
     image: str | None = None,
     log_path: Path | None = None,
-) -> Iterator[TritonServer]:
-    """Serve ``repository`` on 127.0.0.1 and stop the server when the block ends, also on error.
+) -> TritonServer:
+    """Serve ``repository`` on 127.0.0.1 and return it once ready (stopped again if it never
+    gets ready). The caller stops it: prefer :func:`start_local_triton`.
 
     ``runtime``: ``auto`` (Docker when an engine answers, else bundled), ``docker`` or
     ``bundled``. ``image`` is the Docker image (default: the tutorial's image built in notebook
@@ -328,7 +329,19 @@ def start_local_triton(
         server = _launch_bundled(repository, port, log_path)
     try:
         wait_until_ready(server, timeout)
-        server.started_s = time.monotonic() - start
+    except BaseException:
+        server.stop()
+        raise
+    server.started_s = time.monotonic() - start
+    return server
+
+
+@contextmanager
+def start_local_triton(repository: Path, **kwargs: Any) -> Iterator[TritonServer]:
+    """:func:`launch_triton` in a ``with`` block: the server stops when the block ends, also
+    on error."""
+    server = launch_triton(repository, **kwargs)
+    try:
         yield server
     finally:
         server.stop()
