@@ -174,7 +174,6 @@ def main() -> None:
                 repo,
                 paths["vocab_dir"],
                 {"gpt2": paths["onnx_last"], "gpt2_with_past": Path(onnx["with_past_int8"])},
-                instance_kind="KIND_CPU",
             )
             print("b) local Triton int8 ...", flush=True)
             res["int8"].update(server_runs(repo, n, runs, seed_loop=False))

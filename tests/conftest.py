@@ -59,7 +59,7 @@ def tiny_workdir(tmp_path_factory) -> Path:
     executed.mkdir()
     run_notebook("01_download_gpt2", executed, MODEL_SOURCE="offline", OFFLINE_SIZE="tiny")
     run_notebook("02_export_onnx", executed)
-    run_notebook("03_model_repository", executed, INSTANCE_KIND="KIND_CPU")
+    run_notebook("03_model_repository", executed)
     yield work
     if previous is None:
         os.environ.pop("TUTORIAL_WORKDIR", None)
@@ -69,11 +69,16 @@ def tiny_workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def triton_server(tiny_workdir):
-    """A real Triton (bundled 2.51.0) serving the tiny repository; stopped after the session."""
-    from tutorial.triton_local import start_local_triton
+    """A real Triton (bundled 2.51.0) serving what ships: notebook 03's artifact zip, unpacked
+    read-only into a fresh folder and served with the deployment's command line, as OCI does.
+    Stopped after the session."""
+    from tutorial.triton_local import serve_artifact
 
-    with start_local_triton(tiny_workdir / "model_repository", runtime="bundled") as server:
+    server = serve_artifact(tiny_workdir / "model_artifact.zip", runtime="bundled")
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

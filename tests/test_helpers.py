@@ -155,42 +155,16 @@ def test_validation_names_mismatches(tiny_workdir, tmp_path):
     )
 
 
-def test_docker_command_serves_the_oci_path_and_installs_the_pinned_tokenizer(tmp_path):
+def test_docker_command_mounts_the_artifact_where_oci_does(tmp_path):
+    from tutorial.oci_deploy import triton_command
     from tutorial.triton_local import NGC_IMAGE, TOKENIZERS_PIN, docker_command
 
-    assert TOKENIZERS_PIN in (ROOT / "requirements.txt").read_text().splitlines()
-    assert TOKENIZERS_PIN in (ROOT / "docker" / "Dockerfile").read_text()
-    cmd = docker_command(tmp_path, 8123, NGC_IMAGE, "t", gpus=False)
+    args = triton_command()[1:]
+    cmd = docker_command(tmp_path, args, 8123, NGC_IMAGE, "t", gpus=False)
     assert "--gpus" not in cmd
-    assert f"{tmp_path}:/opt/ds/model/deployed_model/model_repository:ro" in cmd
+    assert f"{tmp_path}:/opt/ds/model/deployed_model:ro" in cmd
     assert "127.0.0.1:8123:8000" in cmd
     assert cmd[-1].startswith(f"pip install -q --no-deps {TOKENIZERS_PIN} && exec tritonserver")
-    own = docker_command(tmp_path, 8123, "iad.ocir.io/ns/gpt2:1", "t", gpus=True)
+    own = docker_command(tmp_path, args, 8123, "iad.ocir.io/ns/gpt2:1", "t", gpus=True)
     assert own[own.index("--gpus") + 1] == "all"
-    assert own[-2:] == [
-        "tritonserver",
-        "--model-repository=/opt/ds/model/deployed_model/model_repository",
-    ]
-
-
-def test_cpu_repository_links_weights_and_sets_cpu_instances(tiny_workdir, tmp_path):
-    import shutil
-
-    from tutorial.repository import load_config
-    from tutorial.triton_local import cpu_repository
-
-    src = tiny_workdir / "model_repository"
-    gpu_copy = tmp_path / "gpu"
-    shutil.copytree(src, gpu_copy)
-    cfg = gpu_copy / "gpt2" / "config.pbtxt"
-    cfg.write_text(cfg.read_text().replace("KIND_CPU", "KIND_GPU"))
-    out = cpu_repository(gpu_copy, tmp_path / "cpu")
-    kind = load_config(out / "gpt2" / "config.pbtxt").instance_group[0].kind
-    assert (
-        load_config(out / "gpt2" / "config.pbtxt").instance_group[0].kind
-        != load_config(cfg).instance_group[0].kind
-    )
-    assert kind == 2  # KIND_CPU
-    onnx = out / "gpt2" / "1" / "model.onnx"
-    assert onnx.stat().st_ino == (gpu_copy / "gpt2" / "1" / "model.onnx").stat().st_ino  # linked
-    assert (out / "ensemble_model" / "config.pbtxt").exists()
+    assert own[own.index("iad.ocir.io/ns/gpt2:1") + 1 :] == triton_command()

@@ -289,8 +289,20 @@ def delete_model(client: Any, model_id: str) -> None:
 
 
 def triton_command(port: int = 8000, repository: str = OCI_REPOSITORY_PATH) -> list[str]:
-    """The container command: Triton on the repository OCI unpacked from the artifact."""
-    return ["tritonserver", f"--model-repository={repository}", f"--http-port={port}"]
+    """The container command: Triton on the repository OCI unpacked from the artifact.
+
+    Every model loads at start, and a model that fails to load stops the server, so a broken
+    artifact fails the deployment at once instead of serving half a pipeline. The tests and
+    notebook 04 serve the artifact zip with this same command (``serve_artifact``).
+    """
+    return [
+        "tritonserver",
+        f"--model-repository={repository}",
+        "--model-control-mode=none",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        f"--http-port={port}",
+    ]
 
 
 def validate_byoc(

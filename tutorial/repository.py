@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -47,11 +50,15 @@ def dtype_name(config_dtype: int) -> str:
 
 
 def set_instance_kind(config: Any, kind: str) -> None:
-    """Set every instance group of ``config`` to ``KIND_GPU`` or ``KIND_CPU``."""
+    """Set every instance group of ``config`` to ``KIND_AUTO``, ``KIND_GPU`` or ``KIND_CPU``.
+
+    ``KIND_AUTO`` (written as no ``kind`` at all) lets Triton choose: the GPUs when the machine
+    has them, else the CPU, so one artifact loads on a GPU shape and on a CPU shape.
+    """
     from tritonclient.grpc import model_config_pb2
 
-    if kind not in ("KIND_GPU", "KIND_CPU"):
-        raise TutorialError(f"INSTANCE_KIND must be KIND_GPU or KIND_CPU, not {kind!r}.")
+    if kind not in ("KIND_AUTO", "KIND_GPU", "KIND_CPU"):
+        raise TutorialError(f"instance kind must be KIND_AUTO, KIND_GPU or KIND_CPU, not {kind!r}.")
     value = model_config_pb2.ModelInstanceGroup.Kind.Value(kind)
     if not config.instance_group:
         config.instance_group.add(count=1)
@@ -80,15 +87,16 @@ def assemble_repository(
     target: Path,
     vocab_dir: Path,
     onnx_models: dict[str, Path],
-    instance_kind: str = "KIND_GPU",
     model_info: dict[str, Any] | None = None,
     template: Path = TEMPLATE_REPOSITORY,
 ) -> list[str]:
     """Build the repository at ``target`` from the committed template and generated files.
 
     ``onnx_models`` maps a model name of the template (``gpt2``, ``gpt2_with_past``) to the
-    ONNX file to serve as its ``1/model.onnx``. Returns a list of the changes made to the
-    committed configs (instance kinds, model-dependent dims), to show the learner.
+    ONNX file to serve as its ``1/model.onnx``. The ONNX models' instance groups name no kind,
+    so Triton places them on the GPU when there is one, else on the CPU: the same repository
+    serves on either shape. Returns the changes made to the committed configs (model-dependent
+    dims), to show the learner.
     """
     from tutorial.export import onnx_signature
 
@@ -103,7 +111,7 @@ def assemble_repository(
         (dest / "1").mkdir(parents=True)
         config = load_config(model_dir / "config.pbtxt")
         for path in (model_dir / "1").glob("*.py"):
-            shutil.copyfile(path, dest / "1" / path.name)
+            shutil.copyfile(path, dest / "1" / path.name)  # the file's content, never a link
         if name in TOKENIZER_MODELS:
             for vocab in VOCAB_FILES:
                 shutil.copyfile(vocab_dir / vocab, dest / "1" / vocab)
@@ -112,10 +120,7 @@ def assemble_repository(
                 raise TutorialError(f"No ONNX file given for model '{name}'.")
             shutil.copyfile(onnx_models[name], dest / "1" / "model.onnx")
             changes += model_dims_from_onnx(config, onnx_signature(onnx_models[name]))
-            before = [g.kind for g in config.instance_group]
-            set_instance_kind(config, instance_kind)
-            if before != [g.kind for g in config.instance_group]:
-                changes.append(f"{name}: instance kind -> {instance_kind}")
+            set_instance_kind(config, "KIND_AUTO")
         write_config(config, dest / "config.pbtxt")
     changes += _set_empty_past_shapes(target, onnx_models)
     if model_info is not None:
@@ -149,6 +154,22 @@ def _tensors(config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return {t.name: t for t in config.input}, {t.name: t for t in config.output}
 
 
+def required_files(name: str, config: Any) -> list[str]:
+    """The files a model folder must hold for Triton to load it, relative to the folder.
+
+    One list for both checks: the assembled folder (:func:`validate_repository`) and the
+    artifact zip as OCI unpacks it (:func:`validate_artifact_zip`).
+    """
+    files = ["config.pbtxt"]
+    if config.platform == "onnxruntime_onnx":
+        files.append(f"1/{config.default_model_filename or 'model.onnx'}")
+    if config.backend == "python":
+        files.append("1/model.py")
+    if name in TOKENIZER_MODELS:
+        files += [f"1/{v}" for v in VOCAB_FILES]
+    return files
+
+
 def validate_repository(repo: Path) -> dict[str, Any]:
     """Check every model against its files and the ensemble's wiring; raise on the first
     class of problems with a message that names each mismatch. Returns the parsed configs."""
@@ -167,15 +188,12 @@ def validate_repository(repo: Path) -> dict[str, Any]:
             problems.append(f"{model_dir.name}: config name '{config.name}' != folder name")
         if not (model_dir / "1").is_dir():
             problems.append(f"{model_dir.name}: no version folder '1'")
-        if config.backend == "python" and not (model_dir / "1" / "model.py").exists():
-            problems.append(f"{model_dir.name}: python backend but no 1/model.py")
-        if model_dir.name in TOKENIZER_MODELS:
-            problems += [
-                f"{model_dir.name}: missing 1/{v} (copy GPT-2's vocab files)"
-                for v in VOCAB_FILES
-                if not (model_dir / "1" / v).exists()
-            ]
-        if config.platform == "onnxruntime_onnx":
+        problems += [
+            f"{model_dir.name}: missing {f}" + (HINTS.get(Path(f).name, ""))
+            for f in required_files(model_dir.name, config)
+            if not (model_dir / f).is_file()
+        ]
+        if config.platform == "onnxruntime_onnx" and (model_dir / "1" / "model.onnx").exists():
             problems += _check_onnx(config, model_dir / "1" / "model.onnx", onnx_signature)
     for config in configs.values():
         if config.platform == "ensemble":
@@ -185,9 +203,18 @@ def validate_repository(repo: Path) -> dict[str, Any]:
     return configs
 
 
+#: What to do about a missing file, by its name.
+HINTS = {
+    "model.onnx": " (notebook 03 copies it from notebook 02's exports)",
+    "vocab.json": " (copy GPT-2's vocab files: notebook 03 does)",
+    "merges.txt": " (copy GPT-2's vocab files: notebook 03 does)",
+}
+
+
 def _check_onnx(config: Any, path: Path, signature_of: Any) -> list[str]:
-    if not path.exists():
-        return [f"{config.name}: no 1/model.onnx"]
+    """The onnxruntime backend's load-time checks (r24.10 ``ValidateInputs`` /
+    ``ValidateOutputs``): names, dtypes, and dims, where an input's -1 in the ONNX model
+    accepts any configured dim but an output's dims must equal the model's exactly."""
     sig = signature_of(path)
     problems = []
     batched = config.max_batch_size > 0
@@ -215,8 +242,9 @@ def _check_onnx(config: Any, path: Path, signature_of: Any) -> list[str]:
                     f"{where}: max_batch_size > 0 needs a dynamic first dim in the model"
                 )
             cfg_dims = list(tensor.dims)
+            exact = kind == "output"
             if len(cfg_dims) != len(dims) or any(
-                m != -1 and c != m for c, m in zip(cfg_dims, dims)
+                (exact or m != -1) and c != m for c, m in zip(cfg_dims, dims)
             ):
                 problems.append(
                     f"{where} has dims {cfg_dims} in config.pbtxt but {dims} in the ONNX model"
@@ -290,11 +318,19 @@ def bytes_per_step(
 def pack_artifact(repo: Path, zip_path: Path) -> dict[str, Any]:
     """Zip ``repo`` as ``model_repository/...`` for OCI (unpacked under ``OCI_ARTIFACT_ROOT``).
 
-    ONNX files are stored (they barely compress), the rest deflated; progress in bytes.
+    Every folder gets its own entry, so empty version folders (``ensemble_model/1/``) survive
+    the unzip: Triton refuses a model without a version folder. ONNX files are stored (they
+    barely compress), the rest deflated; progress in bytes. The zip is then checked as OCI
+    will read it (:func:`validate_artifact_zip`).
     """
     from tqdm.auto import tqdm
 
-    files = sorted(p for p in Path(repo).rglob("*") if p.is_file())
+    repo = Path(repo)
+    links = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_symlink())
+    if links:
+        raise TutorialError(f"{repo} holds symbolic links, which a zip cannot carry: {links}")
+    folders = sorted(p for p in repo.rglob("*") if p.is_dir())
+    files = sorted(p for p in repo.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = zip_path.with_suffix(".zip.tmp")
@@ -302,12 +338,132 @@ def pack_artifact(repo: Path, zip_path: Path) -> dict[str, Any]:
         zipfile.ZipFile(tmp, "w") as zf,
         tqdm(total=total, unit="B", unit_scale=True, desc="zip") as bar,
     ):
+        for folder in [repo, *folders]:
+            arcname = (Path("model_repository") / folder.relative_to(repo)).as_posix() + "/"
+            info = zipfile.ZipInfo(arcname, date_time=time.localtime(folder.stat().st_mtime)[:6])
+            info.external_attr = (stat.S_IFDIR | 0o755) << 16 | 0x10  # MS-DOS directory flag
+            zf.writestr(info, b"")
         for path in files:
             arcname = Path("model_repository") / path.relative_to(repo)
             method = zipfile.ZIP_STORED if path.suffix == ".onnx" else zipfile.ZIP_DEFLATED
             zf.write(path, arcname.as_posix(), compress_type=method)
             bar.update(path.stat().st_size)
     tmp.replace(zip_path)
+    models = validate_artifact_zip(zip_path)
     with zipfile.ZipFile(zip_path) as zf:
         names = zf.namelist()
-    return {"path": str(zip_path), "bytes": zip_path.stat().st_size, "files": names}
+    return {
+        "path": str(zip_path),
+        "bytes": zip_path.stat().st_size,
+        "files": names,
+        "models": models,
+    }
+
+
+def validate_artifact_zip(zip_path: Path) -> dict[str, list[str]]:
+    """Read the artifact zip itself (not the folder it came from) and name what is missing
+    for Triton to load it once OCI unpacks it: per model folder a ``config.pbtxt``, a numeric
+    version folder, and every file the config needs; the models an ensemble or a BLS model
+    calls; no symbolic links; everything under ``model_repository/``.
+
+    Returns ``{model: [its entries]}``; raises :class:`TutorialError` listing every problem.
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise TutorialError(f"{zip_path} is not a readable zip: {exc}") from None
+    problems: list[str] = []
+    with archive:
+        infos = archive.infolist()
+        names = {i.filename for i in infos}
+        problems += [
+            f"{i.filename} is a symbolic link (OCI unpacks it as a broken file)"
+            for i in infos
+            if stat.S_ISLNK(i.external_attr >> 16)
+        ]
+        problems += [
+            f"{n} is outside model_repository/" for n in sorted(names) if not n.startswith(ROOT)
+        ]
+        # A folder exists after unzip if it has its own entry or holds an entry.
+        folders = {n for n in names if n.endswith("/")}
+        folders |= {n[: i + 1] for n in names for i, c in enumerate(n) if c == "/"}
+        model_dirs = sorted({n.split("/")[1] for n in folders if n.count("/") >= 2})
+        configs: dict[str, Any] = {}
+        for model in model_dirs:
+            prefix = f"{ROOT}{model}/"
+            if f"{prefix}config.pbtxt" not in names:
+                problems.append(f"{model}: no config.pbtxt")
+                continue
+            try:
+                text = archive.read(f"{prefix}config.pbtxt").decode()
+                config = text_format.Parse(text, model_config_pb2.ModelConfig())
+            except (UnicodeDecodeError, text_format.ParseError) as exc:
+                problems.append(f"{model}: config.pbtxt does not parse: {exc}")
+                continue
+            configs[model] = config
+            versions = {
+                f[len(prefix) :].split("/")[0]
+                for f in folders
+                if f.startswith(prefix) and f != prefix
+            }
+            if not any(v.isdigit() for v in versions):
+                problems.append(
+                    f"{model}: no numeric version folder (e.g. {prefix}1/): Triton refuses the "
+                    f"model ('at least one version must be available'). Pack it with "
+                    f"pack_artifact, which writes folder entries."
+                )
+            problems += [
+                f"{model}: missing {prefix}{f}"
+                for f in required_files(model, config)
+                if f"{prefix}{f}" not in names
+            ]
+        for model, config in configs.items():
+            called = [s.model_name for s in config.ensemble_scheduling.step]
+            if "step_model" in config.parameters:
+                called.append(config.parameters["step_model"].string_value)
+            problems += [
+                f"{model}: calls '{c}', which is not in the zip" for c in called if c not in configs
+            ]
+        entries = {m: sorted(n for n in names if n.startswith(f"{ROOT}{m}/")) for m in configs}
+    if not configs and not problems:
+        problems.append(f"no model folders under {ROOT}")
+    if problems:
+        raise TutorialError(
+            f"The artifact {zip_path} would not load on OCI:\n  - " + "\n  - ".join(problems)
+        )
+    return entries
+
+
+#: The folder at the zip's root; OCI serves ``OCI_ARTIFACT_ROOT/model_repository``.
+ROOT = "model_repository/"
+
+
+def unpack_artifact(zip_path: Path, dest: Path, check: bool = True) -> Path:
+    """Unpack the artifact into ``dest`` the way OCI does at ``OCI_ARTIFACT_ROOT``, after
+    :func:`validate_artifact_zip` (``check=False`` skips it, as OCI does not check), and make
+    it read-only (OCI mounts it read-only).
+
+    ``dest`` plays ``/opt/ds/model/deployed_model``; returns it.
+    """
+    if check:
+        validate_artifact_zip(zip_path)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(dest)
+    for folder, _dirs, files in os.walk(dest, topdown=False):
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o444)
+        os.chmod(folder, 0o555)
+    return dest
+
+
+def make_writable(path: Path) -> None:
+    """Undo :func:`unpack_artifact`'s read-only modes so the folder can be deleted."""
+    for folder, _dirs, files in os.walk(path):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)

@@ -5,14 +5,19 @@ Two runtimes:
   when a Docker engine answers.
 - ``bundled``: the real ``tritonserver`` 2.51.0 that the nvidia-pytriton wheel ships, with the
   python backend only. Each ``onnxruntime_onnx`` model is then served by a python-backend
-  model running the same ``model.onnx`` in the onnxruntime pip package, with a config derived
-  from the real one (same name, inputs, outputs, dtypes, dims).
+  model running the same ``model.onnx`` in the onnxruntime pip package (pinned to 1.19.2, the
+  onnxruntime inside Triton 24.10), with a config derived from the real one (same name,
+  inputs, outputs, dtypes, dims), refusing at load what the onnxruntime backend refuses.
+
+:func:`serve_artifact` serves what ships: the artifact zip unpacked read-only into a fresh
+folder, with the deployment's own command line (the OCI path mapped to that folder).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -27,9 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from tutorial.common import TutorialError, workdir
-from tutorial.repository import OCI_REPOSITORY_PATH
+from tutorial.repository import OCI_ARTIFACT_ROOT
 
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+#: The onnxruntime that Triton 24.10's onnxruntime backend is built on (Triton's 24.10 release
+#: notes); requirements.txt pins the same, so the local server computes with the cloud's library.
+TRITON_ONNXRUNTIME = "1.19.2"
 TOKENIZERS_PIN = "tokenizers==0.22.1"  # as in requirements.txt and docker/Dockerfile
 SHIM_MODEL = Path(__file__).with_name("onnx_shim_model.py")
 
@@ -133,7 +141,9 @@ class TritonServer:
     converted: list[str] = field(default_factory=list)
     started_s: float = 0.0
     container: str | None = None
+    artifact_root: Path | None = None
     _tmp: tempfile.TemporaryDirectory | None = None
+    _cleanups: list[Any] = field(default_factory=list)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the server log."""
@@ -163,6 +173,8 @@ class TritonServer:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+        while self._cleanups:
+            self._cleanups.pop()()
 
 
 def wait_until_ready(server: TritonServer, timeout: float) -> None:
@@ -188,7 +200,49 @@ def wait_until_ready(server: TritonServer, timeout: float) -> None:
     )
 
 
-def _launch_bundled(repository: Path, http_port: int, log_path: Path) -> TritonServer:
+#: Flags of the deployment's command line that the bundled server replaces: its repository
+#: is the derived one, and it listens on a free loopback port, HTTP only.
+REPLACED_FLAGS = (
+    "--model-repository=", "--http-port=", "--http-address=", "--grpc-port=",
+    "--metrics-port=", "--allow-grpc=", "--allow-metrics=", "--backend-directory=",
+    "--cache-directory=",
+)  # fmt: skip
+
+
+def _sandbox(command: list[str], read_only: Path | None, shm_size: str | None) -> list[str]:
+    """Run ``command`` in a private mount namespace where ``read_only`` is mounted read-only
+    (as OCI mounts the artifact) and ``/dev/shm`` is a tmpfs of ``shm_size``. Needs root and
+    ``unshare`` (util-linux); returns ``command`` unchanged when there is nothing to do."""
+    steps = []
+    if read_only is not None:
+        folder = shlex.quote(str(read_only))
+        steps.append(f"mount --bind {folder} {folder} && mount -o remount,ro,bind {folder}")
+    if shm_size is not None:
+        steps.append(f"mount -t tmpfs -o size={shlex.quote(shm_size)} tmpfs /dev/shm")
+    if not steps:
+        return command
+    script = " && ".join([*steps, 'exec "$@"'])
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
+
+
+def can_sandbox() -> bool:
+    """True when this process may make a private mount namespace (root with ``unshare``)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+def _launch_bundled(
+    repository: Path,
+    server_args: list[str],
+    http_port: int,
+    log_path: Path,
+    read_only: Path | None = None,
+    shm_size: str | None = None,
+) -> TritonServer:
     server_dir = bundled_server_dir()
     tmp = tempfile.TemporaryDirectory(prefix="triton-repo-")
     converted = local_repository(repository, Path(tmp.name))
@@ -198,17 +252,22 @@ def _launch_bundled(repository: Path, http_port: int, log_path: Path) -> TritonS
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    kept = [a for a in server_args if not a.startswith(REPLACED_FLAGS)]
     cmd = [
         str(server_dir / "bin" / "tritonserver"),
         f"--model-repository={tmp.name}",
+        *kept,
         f"--backend-directory={server_dir / 'backends'}",
         f"--cache-directory={server_dir / 'caches'}",
         f"--http-port={http_port}",
         "--http-address=127.0.0.1",
         "--allow-grpc=false",
         "--allow-metrics=false",
-        "--log-verbose=0",
     ]
+    if not any(a.startswith("--log-verbose=") for a in kept):
+        cmd.append("--log-verbose=0")
+    print("$", " ".join(cmd), flush=True)
+    cmd = _sandbox(cmd, read_only, shm_size)
     log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until it stops
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
@@ -230,40 +289,23 @@ def gpu_present() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
-def cpu_repository(repository: Path, dest: Path) -> Path:
-    """A copy of ``repository`` whose instance groups all run on the CPU, for a machine
-    without a GPU. Files are hard-linked (no copy of the weights) where the filesystem allows;
-    only the configs are rewritten."""
-    from tutorial.repository import load_config, set_instance_kind, write_config
-
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in sorted(Path(repository).rglob("*")):
-        target = dest / path.relative_to(repository)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        elif path.name == "config.pbtxt":
-            config = load_config(path)
-            if config.platform != "ensemble":
-                set_instance_kind(config, "KIND_CPU")
-            write_config(config, target)
-        else:
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copy2(path, target)
-    return dest
-
-
 def docker_command(
-    repository: Path, http_port: int, image: str, name: str, gpus: bool
+    artifact_root: Path,
+    server_args: list[str],
+    http_port: int,
+    image: str,
+    name: str,
+    gpus: bool,
+    shm_size: str = "1g",
 ) -> list[str]:
-    """``docker run`` for the repository, mounted read-only where OCI mounts the artifact.
+    """``docker run`` with the unpacked artifact mounted read-only where OCI mounts it, and
+    the deployment's Triton arguments.
 
     The plain NGC image lacks the tokenizer package the python-backend models import; with it,
     the container installs the pinned ``tokenizers`` before starting Triton (the image built in
     notebook 05 has it already).
     """
-    serve = ["tritonserver", f"--model-repository={OCI_REPOSITORY_PATH}"]
+    serve = ["tritonserver", *server_args]
     if image == NGC_IMAGE:
         serve = [
             "bash",
@@ -271,28 +313,27 @@ def docker_command(
             f"pip install -q --no-deps {TOKENIZERS_PIN} && exec {' '.join(serve)}",
         ]
     return [
-        "docker", "run", "--rm", "--name", name, "--shm-size=1g",
+        "docker", "run", "--rm", "--name", name, f"--shm-size={shm_size}",
         *(["--gpus", "all"] if gpus else []),
         "-p", f"127.0.0.1:{http_port}:8000",
-        "-v", f"{Path(repository).resolve()}:{OCI_REPOSITORY_PATH}:ro",
+        "-v", f"{Path(artifact_root).resolve()}:{OCI_ARTIFACT_ROOT}:ro",
         image, *serve,
     ]  # fmt: skip
 
 
-def _launch_docker(repository: Path, http_port: int, log_path: Path, image: str) -> TritonServer:
+def _launch_docker(
+    artifact_root: Path, server_args: list[str], http_port: int, log_path: Path, image: str
+) -> TritonServer:
     name = f"tutorial-triton-{http_port}"
-    gpus = gpu_present()
-    tmp = None
-    if not gpus:
-        tmp = tempfile.TemporaryDirectory(prefix="triton-cpu-repo-", dir=workdir())
-        repository = cpu_repository(repository, Path(tmp.name) / "model_repository")
-    cmd = docker_command(repository, http_port, image, name, gpus)
+    args = [a for a in server_args if not a.startswith(("--http-port=", "--http-address="))]
+    cmd = docker_command(
+        artifact_root, [*args, "--http-port=8000"], http_port, image, name, gpu_present()
+    )
     log = open(log_path, "w")  # noqa: SIM115
+    print("$", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     log.close()
-    return TritonServer(
-        f"http://127.0.0.1:{http_port}", "docker", proc, log_path, container=name, _tmp=tmp
-    )
+    return TritonServer(f"http://127.0.0.1:{http_port}", "docker", proc, log_path, container=name)
 
 
 def launch_triton(
@@ -302,31 +343,136 @@ def launch_triton(
     http_port: int | None = None,
     image: str | None = None,
     log_path: Path | None = None,
+    server_args: list[str] | None = None,
 ) -> TritonServer:
-    """Serve ``repository`` on 127.0.0.1 and return it once ready (stopped again if it never
-    gets ready). The caller stops it: prefer :func:`start_local_triton`.
+    """Serve the folder ``repository`` on 127.0.0.1 and return it once ready (stopped again if
+    it never gets ready). The caller stops it: prefer :func:`start_local_triton`.
 
+    For what ships, use :func:`serve_artifact`: this serves a work folder as it is.
     ``runtime``: ``auto`` (Docker when an engine answers, else bundled), ``docker`` or
     ``bundled``. ``image`` is the Docker image (default: the tutorial's image built in notebook
     05 if the state file names one, else the NGC image, which lacks the tokenizer package).
     """
+    from tutorial.oci_deploy import triton_command
+
+    args = server_args if server_args is not None else triton_command()[1:]
+    runtime = _runtime(runtime)
+    if runtime == "docker":
+        # Docker mounts the folder holding model_repository/, as OCI does.
+        repository = Path(repository).resolve()
+        if repository.name != "model_repository":
+            raise TutorialError("Docker serves a folder named model_repository (as OCI does).")
+        return _start(
+            lambda port, log: _launch_docker(
+                repository.parent, args, port, log, image or _default_image()
+            ),
+            timeout,
+            http_port,
+            log_path,
+        )
+    return _start(
+        lambda port, log: _launch_bundled(repository, args, port, log),
+        timeout,
+        http_port,
+        log_path,
+    )
+
+
+def serve_artifact(
+    zip_path: Path,
+    cmd: list[str] | None = None,
+    runtime: str = "auto",
+    timeout: float = 180.0,
+    http_port: int | None = None,
+    image: str | None = None,
+    log_path: Path | None = None,
+    shm_size: str | None = None,
+    check: bool = True,
+) -> TritonServer:
+    """Serve the artifact zip the way OCI does, and return the server once ready.
+
+    The zip is checked and unpacked into a fresh folder that plays OCI's
+    ``/opt/ds/model/deployed_model``, made read-only (and, as root, mounted read-only in a
+    private mount namespace), and served with the deployment's command line ``cmd`` (default:
+    the one notebook 06 deploys, :func:`tutorial.oci_deploy.triton_command`), where the OCI path
+    is replaced by that folder. ``shm_size`` (e.g. ``"64m"``) gives the server a ``/dev/shm``
+    of that size (Docker: ``--shm-size``; bundled: a private tmpfs, as root). The folder is
+    deleted when the server stops. ``check=False`` skips the zip check before unpacking (OCI
+    does not check: Triton's own refusal then shows in the log).
+    """
+    from tutorial.oci_deploy import triton_command
+    from tutorial.repository import make_writable, unpack_artifact
+
+    cmd = list(cmd or triton_command())
+    if not cmd or Path(cmd[0]).name != "tritonserver":
+        raise TutorialError(f"The deployment command must start with tritonserver, not {cmd!r}.")
+    deployed = tempfile.TemporaryDirectory(prefix="deployed_model-", dir=workdir())
+    root = Path(deployed.name)
+    try:
+        unpack_artifact(zip_path, root, check=check)
+        args = [a.replace(OCI_ARTIFACT_ROOT, str(root)) for a in cmd[1:]]
+        repos = [a.split("=", 1)[1] for a in args if a.startswith("--model-repository=")]
+        if len(repos) != 1 or not Path(repos[0]).is_dir():
+            raise TutorialError(
+                f"The command's --model-repository must name a folder inside "
+                f"{OCI_ARTIFACT_ROOT} that the zip holds; got {cmd!r}."
+            )
+        runtime = _runtime(runtime)
+        if runtime == "docker":
+            docker_args = [a.replace(str(root), OCI_ARTIFACT_ROOT) for a in args]
+
+            def launch(port: int, log: Path) -> TritonServer:
+                server = _launch_docker(root, docker_args, port, log, image or _default_image())
+                return server
+
+        else:
+            sandbox = can_sandbox()
+            if shm_size is not None and not sandbox:
+                raise TutorialError("Limiting /dev/shm needs root and unshare (util-linux).")
+
+            def launch(port: int, log: Path) -> TritonServer:
+                return _launch_bundled(
+                    Path(repos[0]),
+                    args,
+                    port,
+                    log,
+                    read_only=root if sandbox else None,
+                    shm_size=shm_size,
+                )
+
+        server = _start(launch, timeout, http_port, log_path)
+    except BaseException:
+        make_writable(root)
+        deployed.cleanup()
+        raise
+    server.artifact_root = root
+    server._cleanups.append(lambda: (make_writable(root), deployed.cleanup()))
+    return server
+
+
+def _runtime(runtime: str) -> str:
     if runtime not in ("auto", "docker", "bundled"):
         raise TutorialError(f"runtime must be 'auto', 'docker' or 'bundled', not {runtime!r}.")
     if runtime == "auto":
-        runtime = "docker" if docker_available() else "bundled"
+        return "docker" if docker_available() else "bundled"
+    return runtime
+
+
+def _default_image() -> str:
+    from tutorial.common import load_state
+
+    return load_state().get("image", {}).get("reference") or NGC_IMAGE
+
+
+def _start(
+    launch: Any, timeout: float, http_port: int | None, log_path: Path | None
+) -> TritonServer:
     port = http_port or free_port()
     logs = workdir() / "logs"
     logs.mkdir(exist_ok=True)
     log_path = log_path or logs / f"triton-{port}.log"
     start = time.monotonic()
-    if runtime == "docker":
-        if image is None:
-            from tutorial.common import load_state
-
-            image = load_state().get("image", {}).get("reference") or NGC_IMAGE
-        server = _launch_docker(repository, port, log_path, image)
-    else:
-        server = _launch_bundled(repository, port, log_path)
+    server = launch(port, log_path)
     try:
         wait_until_ready(server, timeout)
     except BaseException:

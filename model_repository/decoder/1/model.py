@@ -14,6 +14,12 @@ from tokenizers import ByteLevelBPETokenizer
 class TritonPythonModel:
     def initialize(self, args):
         here = Path(args["model_repository"]) / args["model_version"]
+        if not (here / "vocab.json").is_file():
+            raise pb_utils.TritonModelException(
+                f"{args['model_name']}: no vocab.json beside model.py. This is the committed "
+                "template of the model repository; run notebooks/03_model_repository.ipynb, "
+                "which assembles the repository to serve (weights, vocab files, shapes)."
+            )
         self.tokenizer = ByteLevelBPETokenizer(str(here / "vocab.json"), str(here / "merges.txt"))
 
     def execute(self, requests):

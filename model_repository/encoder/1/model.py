@@ -38,6 +38,12 @@ class TritonPythonModel:
         here = Path(args["model_repository"]) / args["model_version"]
         config = json.loads(args["model_config"])
         self.max_tokens = int(config["parameters"]["max_context_tokens"]["string_value"])
+        if not (here / "vocab.json").is_file():
+            raise pb_utils.TritonModelException(
+                f"{config['name']}: no vocab.json beside model.py. This is the committed template "
+                "of the model repository; run notebooks/03_model_repository.ipynb, which "
+                "assembles the repository to serve (weights, vocab files, shapes)."
+            )
         self.tokenizer = ByteLevelBPETokenizer(str(here / "vocab.json"), str(here / "merges.txt"))
         self.tokenizer.add_special_tokens([END_OF_TEXT])  # as GPT-2's tokenizer treats it
         self.dtypes = {

@@ -9,6 +9,7 @@ cache, then feed one token per step with the cache it returned. The ONNX model d
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,37 @@ END_OF_TEXT = "<|endoftext|>"
 
 class InputError(ValueError):
     """A request the client must fix (answered with HTTP 400)."""
+
+
+#: Where the python backend keeps the tensors it passes between Triton and this process.
+SHM_PATH = "/dev/shm"
+
+
+def shm_bytes(path=SHM_PATH):
+    """The size of the shared-memory filesystem (a container's default is 64 MB)."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_blocks * stats.f_frsize
+
+
+def shm_problem(tokens, cache_bytes_per_token, copies, available):
+    """Why a request of ``tokens`` tokens (prompt plus new) would not fit in shared memory, or
+    None. Each step holds ``copies`` KV caches of that length in /dev/shm at once."""
+    if available is None:
+        return None
+    needed = tokens * cache_bytes_per_token * copies
+    if needed <= available:
+        return None
+    fits = max(0, available // (cache_bytes_per_token * copies))
+    return (
+        f"this request needs about {needed / 2**20:.0f} MiB of shared memory for its KV cache "
+        f"({tokens} tokens: prompt plus MAX_NEW_TOKENS), but {SHM_PATH} holds "
+        f"{available / 2**20:.0f} MiB (at most about {fits} tokens fit): send a shorter prompt "
+        f"or fewer MAX_NEW_TOKENS, or give the server more shared memory "
+        f"(docker run --shm-size=2g; see the README's troubleshooting)"
+    )
 
 
 def read_text(request) -> str:
@@ -48,7 +80,20 @@ class TritonPythonModel:
         self.default_new = int(params["default_max_new_tokens"])
         self.limit = int(params["max_new_tokens_limit"])
         self.context = int(params["max_context_tokens"])
+        if "empty_past_shape" not in params:
+            raise pb_utils.TritonModelException(
+                f"{config['name']}: parameter 'empty_past_shape' is not set. This is the "
+                "committed template of the model repository; run notebooks/03_model_repository"
+                ".ipynb, which assembles the repository to serve (weights, vocab files, shapes)."
+            )
         self.past_shape = [int(d) for d in params["empty_past_shape"].split(",")]
+        # Bytes of KV cache per token: n_layer * 2 * n_head * head_dim float32 values.
+        n_layer, two, _, n_head, _, head_dim = self.past_shape
+        self.cache_bytes_per_token = n_layer * two * n_head * head_dim * 4
+        # KV caches of a request's length in /dev/shm at once during a step (parameter
+        # shm_caches_per_step, explained in config.pbtxt).
+        self.shm_copies = int(params.get("shm_caches_per_step", "4"))
+        self.shm_available = shm_bytes()
         self.tokenizer = ByteLevelBPETokenizer(str(here / "vocab.json"), str(here / "merges.txt"))
         self.tokenizer.add_special_tokens([END_OF_TEXT])
         self.eos = self.tokenizer.token_to_id(END_OF_TEXT)
@@ -82,7 +127,16 @@ class TritonPythonModel:
         )
         response = request.exec()
         if response.has_error():
-            raise RuntimeError(f"{self.step_model} failed: {response.error().message()}")
+            message = response.error().message()
+            if "shared memory" in message:  # the python backend could not grow its region
+                size = self.shm_available
+                raise RuntimeError(
+                    f"{SHM_PATH} is full ({size / 2**20:.0f} MiB in all): the KV cache of "
+                    f"{length} tokens did not fit. Send a shorter prompt or fewer "
+                    "MAX_NEW_TOKENS, or give the server more shared memory (docker run "
+                    f"--shm-size=2g; see the README's troubleshooting). Triton said: {message}"
+                )
+            raise RuntimeError(f"{self.step_model} failed: {message}")
         logits = pb_utils.get_output_tensor_by_name(response, "logits").as_numpy()
         present = pb_utils.get_output_tensor_by_name(response, "present")
         # The cache goes back in as `past` without a copy in this process (DLPack view).
@@ -92,7 +146,14 @@ class TritonPythonModel:
         """Check the request; return the prompt's token ids and how many tokens to make."""
         text = read_text(request)
         max_new = self.max_new_tokens(request)
-        return self.tokenizer.encode(text).ids[-(self.context - 1) :], max_new
+        prompt = self.tokenizer.encode(text).ids[-(self.context - 1) :]
+        tokens = min(len(prompt) + max_new, self.context)
+        problem = shm_problem(
+            tokens, self.cache_bytes_per_token, self.shm_copies, self.shm_available
+        )
+        if problem:
+            raise InputError(problem)
+        return prompt, max_new
 
     def tokens(self, prompt, max_new):
         """Greedy tokens, one per step: prefill with an empty cache, then one token a step."""
