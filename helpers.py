@@ -16,6 +16,7 @@ from tutorial.client import (  # noqa: F401
     reference_text_loop,
     retokenizes_same,
     seed_payload,
+    serve_local_artifact,
     stats_table,
     stream_generate,
     text_loop,
@@ -147,7 +148,9 @@ from tutorial.results import (  # noqa: F401
 )
 from tutorial.triton_local import (  # noqa: F401
     NGC_IMAGE,
+    TRITON_ONNXRUNTIME,
     TritonServer,
     docker_available,
+    local_runtime,
     start_local_triton,
 )

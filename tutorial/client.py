@@ -173,3 +173,13 @@ def launch_local_triton(repository: Path, **kwargs: Any) -> Any:
     server = launch_triton(repository, **kwargs)
     atexit.register(server.stop)
     return server
+
+
+def serve_local_artifact(zip_path: Path, **kwargs: Any) -> Any:
+    """:func:`tutorial.triton_local.serve_artifact` for a notebook: the artifact zip served as
+    OCI serves it, stopped by :meth:`stop` or in any case when the kernel exits."""
+    from tutorial.triton_local import serve_artifact
+
+    server = serve_artifact(zip_path, **kwargs)
+    atexit.register(server.stop)
+    return server

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
+import re
 import shlex
 import shutil
 import signal
@@ -142,6 +144,7 @@ class TritonServer:
     started_s: float = 0.0
     container: str | None = None
     artifact_root: Path | None = None
+    command: list[str] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory | None = None
     _cleanups: list[Any] = field(default_factory=list)
 
@@ -151,6 +154,15 @@ class TritonServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def log_errors(self, limit: int = 10) -> str:
+        """The error lines of the server log (``E...`` lines: why a model failed to load)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        errors = [line for line in lines if re.match(r"E\d{4} ", line)]
+        return "\n".join(errors[:limit])
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the server and every process it started (python backend stubs)."""
@@ -184,9 +196,11 @@ def wait_until_ready(server: TritonServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
+            errors = server.log_errors()
             raise TutorialError(
-                f"Triton exited with code {server.process.returncode} while starting; its log "
-                f"({server.log_path}) ends with:\n{server.log_tail()}"
+                f"Triton exited with code {server.process.returncode} while starting. "
+                + (f"Errors in its log:\n{errors}\n" if errors else "")
+                + f"Its log ({server.log_path}) ends with:\n{server.log_tail()}"
             )
         try:
             if requests.get(f"{server.url}/v2/health/ready", timeout=2).status_code == 200:
@@ -267,15 +281,38 @@ def _launch_bundled(
     if not any(a.startswith("--log-verbose=") for a in kept):
         cmd.append("--log-verbose=0")
     print("$", " ".join(cmd), flush=True)
-    cmd = _sandbox(cmd, read_only, shm_size)
+    shown, cmd = cmd, _sandbox(cmd, read_only, shm_size)
     log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until it stops
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
     )
     log.close()
     return TritonServer(
-        f"http://127.0.0.1:{http_port}", "bundled", proc, log_path, converted, _tmp=tmp
-    )
+        f"http://127.0.0.1:{http_port}", "bundled", proc, log_path, converted, _tmp=tmp,
+        command=shown,
+    )  # fmt: skip
+
+
+def local_runtime(runtime: str = "auto") -> tuple[str | None, str]:
+    """Which local Triton can run here: ``("docker" | "bundled", why)`` or ``(None, why not)``.
+
+    The bundled server needs the optional nvidia-pytriton wheel (requirements-triton.txt),
+    which exists for glibc >= 2.35 only (not Oracle Linux 8, the OS of OCI notebook sessions).
+    """
+    if runtime in ("auto", "docker") and docker_available():
+        return "docker", "a Docker engine answers"
+    if runtime == "docker":
+        return None, "no Docker engine answers on this machine"
+    try:
+        import pytriton  # noqa: F401
+    except ImportError:
+        libc = " ".join(platform.libc_ver())
+        return None, (
+            "no Docker engine answers, and the tritonserver bundled in nvidia-pytriton is not "
+            f"installed (pip install -r requirements-triton.txt; it needs glibc >= 2.35, this "
+            f"machine has {libc or 'no glibc'})"
+        )
+    return "bundled", "the tritonserver bundled in nvidia-pytriton (no Docker engine answers)"
 
 
 def gpu_present() -> bool:
@@ -333,7 +370,9 @@ def _launch_docker(
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     log.close()
-    return TritonServer(f"http://127.0.0.1:{http_port}", "docker", proc, log_path, container=name)
+    return TritonServer(
+        f"http://127.0.0.1:{http_port}", "docker", proc, log_path, container=name, command=cmd
+    )
 
 
 def launch_triton(

@@ -1,0 +1,384 @@
+"""What ships is what is served: the artifact zip, read back and served as OCI unpacks it, the
+onnxruntime inside Triton 24.10, the onnxruntime backend's load checks, and /dev/shm."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from tests.conftest import ROOT
+from tutorial.common import TutorialError
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "My dog is cute, but he barks a lot."
+
+
+def rezip(src: Path, dest: Path, drop=(), edit=None, files_only=False) -> Path:
+    """A copy of the artifact zip without the entries in ``drop``, with ``edit`` applied to the
+    text of the entries it names ({name: function}), or with file entries only."""
+    edit = edit or {}
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for info in zin.infolist():
+            if info.filename in drop or (files_only and info.filename.endswith("/")):
+                continue
+            data = zin.read(info)
+            if info.filename in edit:
+                data = edit[info.filename](data.decode()).encode()
+            zout.writestr(info, data)
+    return dest
+
+
+# --- the zip itself ---
+
+
+def test_zip_has_an_entry_for_every_folder(tiny_workdir):
+    from tutorial.repository import validate_artifact_zip
+
+    zip_path = tiny_workdir / "model_artifact.zip"
+    with zipfile.ZipFile(zip_path) as zf:
+        names = set(zf.namelist())
+    models = validate_artifact_zip(zip_path)
+    assert sorted(models) == [
+        "decoder",
+        "encoder",
+        "ensemble_model",
+        "generate",
+        "generate_stream",
+        "gpt2",
+        "gpt2_with_past",
+    ]
+    assert models["ensemble_model"] == [
+        "model_repository/ensemble_model/",
+        "model_repository/ensemble_model/1/",
+        "model_repository/ensemble_model/config.pbtxt",
+    ]
+    for model in models:
+        assert f"model_repository/{model}/1/" in names
+    assert "model_repository/generate_stream/1/model.py" in names
+    info = json.loads(zipfile.ZipFile(zip_path).read("model_repository/MODEL_INFO.json"))
+    assert info["variant"] == "fp32" and info["shapes"] == "gpu or cpu"
+
+
+def test_zip_of_files_only_is_refused_with_the_missing_version_folder(tiny_workdir, tmp_path):
+    from tutorial.repository import validate_artifact_zip
+
+    broken = rezip(tiny_workdir / "model_artifact.zip", tmp_path / "a.zip", files_only=True)
+    with pytest.raises(TutorialError) as err:
+        validate_artifact_zip(broken)
+    message = str(err.value)
+    assert (
+        "ensemble_model: no numeric version folder (e.g. model_repository/ensemble_model/1/)"
+        in (message)
+    )
+    assert "gpt2:" not in message  # a version folder holding files exists after unzip
+
+
+def test_zip_missing_files_links_and_callees_are_named(tiny_workdir, tmp_path):
+    from tutorial.repository import validate_artifact_zip
+
+    src = tiny_workdir / "model_artifact.zip"
+    broken = rezip(
+        src,
+        tmp_path / "b.zip",
+        drop={
+            "model_repository/gpt2/1/model.onnx",
+            "model_repository/decoder/1/vocab.json",
+            "model_repository/gpt2_with_past/config.pbtxt",
+        },
+    )
+    with zipfile.ZipFile(broken, "a") as zf:
+        link = zipfile.ZipInfo("model_repository/encoder/1/link.py")
+        link.external_attr = (0o120777) << 16
+        zf.writestr(link, "model.py")
+    with pytest.raises(TutorialError) as err:
+        validate_artifact_zip(broken)
+    message = str(err.value)
+    assert "gpt2: missing model_repository/gpt2/1/model.onnx" in message
+    assert "decoder: missing model_repository/decoder/1/vocab.json" in message
+    assert "gpt2_with_past: no config.pbtxt" in message
+    assert "generate: calls 'gpt2_with_past', which is not in the zip" in message
+    assert "model_repository/encoder/1/link.py is a symbolic link" in message
+
+
+def test_pack_refuses_symlinks(tiny_workdir, tmp_path):
+    import shutil
+
+    from tutorial.repository import pack_artifact
+
+    repo = tmp_path / "repo"
+    shutil.copytree(
+        tiny_workdir / "model_repository", repo, ignore=shutil.ignore_patterns("*.onnx")
+    )
+    (repo / "encoder" / "1" / "extra.py").symlink_to(repo / "encoder" / "1" / "model.py")
+    with pytest.raises(TutorialError, match=r"symbolic links.*encoder/1/extra.py"):
+        pack_artifact(repo, tmp_path / "x.zip")
+
+
+def test_committed_repository_has_no_symlinks():
+    """A checkout without symlink support (Windows) must get every file."""
+    links = [p for p in (ROOT / "model_repository").rglob("*") if p.is_symlink()]
+    assert links == []
+
+
+# --- served as OCI serves it (the session server is serve_artifact on the zip) ---
+
+
+def test_server_serves_the_unpacked_zip_read_only(triton_server):
+    from tutorial.oci_deploy import triton_command
+
+    root = triton_server.artifact_root
+    assert root is not None and (root / "model_repository" / "ensemble_model" / "1").is_dir()
+    assert all(not os.access(p, os.W_OK) or os.geteuid() == 0 for p in root.rglob("*"))
+    assert oct((root / "model_repository").stat().st_mode & 0o777) == "0o555"
+    for flag in triton_command()[2:-1]:  # the deployment's flags, but its port
+        assert flag in triton_server.command, flag
+    mounts = Path(f"/proc/{triton_server.process.pid}/mountinfo")
+    if mounts.exists() and os.geteuid() == 0:  # as root: a read-only bind mount, as on OCI
+        line = next(m for m in mounts.read_text().splitlines() if f" {root} " in m)
+        assert " ro," in line
+
+
+def test_local_onnx_models_run_the_onnxruntime_of_triton_24_10(triton_server):
+    import onnxruntime
+
+    from tutorial.triton_local import TRITON_ONNXRUNTIME
+
+    assert onnxruntime.__version__ == TRITON_ONNXRUNTIME == "1.19.2"
+    log = triton_server.log_path.read_text()
+    for model in ("gpt2", "gpt2_with_past"):
+        assert f"{model}: onnxruntime 1.19.2 serves model.onnx" in log
+
+
+def test_every_export_runs_in_onnxruntime_1_19_2_and_matches_transformers(
+    tiny_workdir, tiny_reference
+):
+    """The four exports load and run in the onnxruntime inside Triton 24.10: the plain export
+    and the last-logits model give TF's logits, the fp32 KV-cache model TF's greedy tokens."""
+    import onnxruntime
+
+    from tutorial.client import reference_generate
+    from tutorial.export import greedy_with_past, ort_logits, ort_session
+
+    assert onnxruntime.__version__ == "1.19.2"
+    tf_model, tok = tiny_reference
+    onnx = json.loads((tiny_workdir / "state.json").read_text())["onnx"]
+    ids = tok(PROMPT)["input_ids"]
+    tf_logits = tf_model(np.asarray([ids], dtype=np.int32)).logits.numpy()
+    full = ort_session(tiny_workdir / "onnx" / "model.onnx")
+    assert np.abs(ort_logits(full, ids) - tf_logits).max() < 1e-3
+    last = ort_session(tiny_workdir / "onnx" / "gpt2_last_logits.onnx")
+    assert np.abs(ort_logits(last, ids, "last_logits") - tf_logits[:, -1]).max() < 1e-3
+    expected = reference_generate(tf_model, tok, PROMPT, 20)
+    fp32 = ort_session(Path(onnx["with_past"]))
+    assert greedy_with_past(fp32, ids, 20) == expected
+    # int8 changes the weights, so its tokens are not transformers' exactly: it must load and
+    # run here, and agree where quantization leaves the argmax alone (the first tokens).
+    int8 = ort_session(Path(onnx["with_past_int8"]))
+    int8_tokens = greedy_with_past(int8, ids, 20)
+    agree = next((i for i, (a, b) in enumerate(zip(int8_tokens, expected)) if a != b), 20)
+    print(f"int8 in onnxruntime 1.19.2: first {agree} of 20 greedy tokens equal transformers'")
+    assert len(int8_tokens) == 20 and agree >= 3
+
+
+# --- the onnxruntime backend's load checks, applied by the local stand-in of that backend ---
+
+GPT2_CONFIG = "model_repository/gpt2/config.pbtxt"
+PAST_CONFIG = "model_repository/gpt2_with_past/config.pbtxt"
+
+
+def _drop_second_input(text: str) -> str:
+    start = text.index('input {\n  name: "attention_mask"')
+    end = text.index("}\n", start) + 2
+    return text[:start] + text[end:]
+
+
+REFUSALS = [
+    (
+        GPT2_CONFIG,
+        _drop_second_input,
+        "unable to load model 'gpt2', configuration expects 1 inputs, model provides 2",
+    ),
+    (
+        GPT2_CONFIG,
+        lambda t: t.replace('name: "input_ids"', 'name: "ids"', 1),
+        "unexpected inference input 'ids', allowed inputs are: attention_mask, input_ids",
+    ),
+    (
+        GPT2_CONFIG,
+        lambda t: t.replace("TYPE_INT32", "TYPE_INT64", 1),
+        "unable to load model 'gpt2', unexpected datatype INT32 for input 'input_ids', "
+        "expecting TYPE_INT64",
+    ),
+    (
+        GPT2_CONFIG,
+        lambda t: t.replace("dims: -1\n  dims: 50257", "dims: -1\n  dims: -1"),
+        "model 'gpt2', tensor 'last_logits': the model expects 2 dimensions (shape "
+        "[-1,50257]) but the model configuration specifies 2 dimensions (shape [-1,-1])",
+    ),
+    (
+        PAST_CONFIG,
+        lambda t: t.replace('name: "present"', 'name: "cache"'),
+        "unexpected inference output 'cache', allowed outputs are: logits, present",
+    ),
+]
+
+
+@pytest.mark.parametrize(("entry", "edit", "message"), REFUSALS, ids=lambda v: str(v)[:30])
+def test_the_local_server_refuses_what_the_onnxruntime_backend_refuses(
+    tiny_workdir, tmp_path, entry, edit, message
+):
+    from tutorial.triton_local import serve_artifact
+
+    broken = rezip(tiny_workdir / "model_artifact.zip", tmp_path / "c.zip", edit={entry: edit})
+    with zipfile.ZipFile(broken) as zf:
+        assert zf.read(entry) != zipfile.ZipFile(tiny_workdir / "model_artifact.zip").read(entry)
+    with pytest.raises(TutorialError) as err:
+        serve_artifact(broken, runtime="bundled", check=False, timeout=120)
+    assert message in str(err.value)
+
+
+def test_validation_compares_output_dims_exactly(tiny_workdir, tmp_path):
+    import shutil
+
+    from tutorial.repository import validate_repository
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_workdir / "model_repository", repo)
+    cfg = repo / "gpt2" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace("dims: -1\n  dims: 50257", "dims: -1\n  dims: -1"))
+    with pytest.raises(TutorialError) as err:
+        validate_repository(repo)
+    assert (
+        "gpt2: output 'last_logits' has dims [-1, -1] in config.pbtxt but [-1, 50257] in the "
+        "ONNX model" in str(err.value)
+    )
+
+
+def test_zip_without_version_folder_fails_in_triton_itself(tiny_workdir, tmp_path):
+    """Unchecked, as OCI unpacks it: Triton's own refusal, the one a deployment would log."""
+    from tutorial.triton_local import serve_artifact
+
+    broken = rezip(
+        tiny_workdir / "model_artifact.zip",
+        tmp_path / "d.zip",
+        drop={"model_repository/ensemble_model/1/"},
+    )
+    with pytest.raises(TutorialError) as err:
+        serve_artifact(broken, runtime="bundled", check=False, timeout=120)
+    assert (
+        "at least one version must be available under the version policy of model "
+        "'ensemble_model'" in str(err.value)
+    )
+
+
+def test_the_committed_template_says_to_run_notebook_03(tmp_path):
+    from tutorial.common import TEMPLATE_REPOSITORY
+    from tutorial.triton_local import launch_triton
+
+    os.environ.setdefault("TUTORIAL_WORKDIR", str(tmp_path))
+    with pytest.raises(TutorialError) as err:
+        launch_triton(TEMPLATE_REPOSITORY, runtime="bundled", timeout=120)
+    log = str(err.value)
+    assert "run notebooks/03_model_repository.ipynb" in log
+
+
+# --- /dev/shm: the python backend's tensors travel through it ---
+
+
+def _need_sandbox():
+    from tutorial.triton_local import can_sandbox
+
+    if not can_sandbox():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root with unshare: the /dev/shm tests must run there")
+        pytest.skip("limiting /dev/shm needs root and unshare (a private mount namespace)")
+
+
+def _generate(url, text, n):
+    inputs = [
+        {"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": [text]},
+        {"name": "MAX_NEW_TOKENS", "datatype": "INT32", "shape": [1], "data": [n]},
+    ]
+    return requests.post(f"{url}/v2/models/generate/infer", json={"inputs": inputs}, timeout=300)
+
+
+def _ids(response):
+    assert response.status_code == 200, response.text
+    return {o["name"]: o["data"] for o in response.json()["outputs"]}["TOKEN_IDS"]
+
+
+def test_a_1000_token_prompt_in_64_mb_of_shm(tiny_workdir, tiny_reference):
+    """A container's default /dev/shm: the tiny model's cache fits; tokens stay exact."""
+    from tutorial.client import reference_generate
+    from tutorial.triton_local import serve_artifact
+
+    _need_sandbox()
+    tf_model, tok = tiny_reference
+    prompt = " hello" * 1000
+    server = serve_artifact(tiny_workdir / "model_artifact.zip", runtime="bundled", shm_size="64m")
+    try:
+        mounts = Path(f"/proc/{server.process.pid}/mountinfo").read_text()
+        shm = [m for m in mounts.splitlines() if " /dev/shm " in m][-1]  # the one on top
+        assert "size=65536k" in shm
+        got = _ids(_generate(server.url, prompt, 10))
+        print(f"64 MB /dev/shm, 1000-token prompt: HTTP 200, {len(got)} tokens")
+        assert got == reference_generate(tf_model, tok, prompt, 10)
+        assert _ids(_generate(server.url, PROMPT, 5)) == reference_generate(
+            tf_model, tok, PROMPT, 5
+        )
+    finally:
+        server.stop()
+
+
+def test_when_shm_is_too_small_the_answer_says_so_and_the_server_goes_on(
+    tiny_workdir, tiny_reference
+):
+    from tutorial.client import reference_generate
+    from tutorial.triton_local import serve_artifact
+
+    _need_sandbox()
+    tf_model, tok = tiny_reference
+    server = serve_artifact(tiny_workdir / "model_artifact.zip", runtime="bundled", shm_size="8m")
+    try:
+        response = _generate(server.url, " hello" * 1000, 10)
+        print("8 MB /dev/shm, 1000-token prompt:", response.status_code, response.json()["error"])
+        assert response.status_code in (400, 500)
+        error = response.json()["error"]
+        assert "/dev/shm" in error and "MiB" in error and "--shm-size" in error
+        assert _ids(_generate(server.url, PROMPT, 5)) == reference_generate(
+            tf_model, tok, PROMPT, 5
+        )
+    finally:
+        server.stop()
+
+
+def test_shm_check_refuses_what_cannot_fit():
+    """generate's check, on GPT-2 124M's numbers: 72 KiB of cache per token, four caches."""
+    import importlib.util
+    import sys
+    import types
+
+    sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("pb_utils_stub"))
+    sys.modules.setdefault("tokenizers", __import__("tokenizers"))
+    spec = importlib.util.spec_from_file_location(
+        "generate_model", ROOT / "model_repository" / "generate" / "1" / "model.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    per_token = 12 * 2 * 12 * 64 * 4
+    assert per_token == 73728
+    assert module.shm_problem(200, per_token, 4, 64 * 2**20) is None
+    message = module.shm_problem(1050, per_token, 4, 64 * 2**20)
+    assert message == (
+        "this request needs about 295 MiB of shared memory for its KV cache (1050 tokens: "
+        "prompt plus MAX_NEW_TOKENS), but /dev/shm holds 64 MiB (at most about 227 tokens "
+        "fit): send a shorter prompt or fewer MAX_NEW_TOKENS, or give the server more shared "
+        "memory (docker run --shm-size=2g; see the README's troubleshooting)"
+    )
