@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, require_local_triton
 from tutorial.common import TutorialError
 
 pytestmark = pytest.mark.slow
@@ -236,6 +236,7 @@ def test_the_local_server_refuses_what_the_onnxruntime_backend_refuses(
 ):
     from tutorial.triton_local import serve_artifact
 
+    require_local_triton()
     broken = rezip(tiny_workdir / "model_artifact.zip", tmp_path / "c.zip", edit={entry: edit})
     with zipfile.ZipFile(broken) as zf:
         assert zf.read(entry) != zipfile.ZipFile(tiny_workdir / "model_artifact.zip").read(entry)
@@ -265,6 +266,7 @@ def test_zip_without_version_folder_fails_in_triton_itself(tiny_workdir, tmp_pat
     """Unchecked, as OCI unpacks it: Triton's own refusal, the one a deployment would log."""
     from tutorial.triton_local import serve_artifact
 
+    require_local_triton()
     broken = rezip(
         tiny_workdir / "model_artifact.zip",
         tmp_path / "d.zip",
@@ -278,11 +280,11 @@ def test_zip_without_version_folder_fails_in_triton_itself(tiny_workdir, tmp_pat
     )
 
 
-def test_the_committed_template_says_to_run_notebook_03(tmp_path):
+def test_the_committed_template_says_to_run_notebook_03(tiny_workdir):
     from tutorial.common import TEMPLATE_REPOSITORY
     from tutorial.triton_local import launch_triton
 
-    os.environ.setdefault("TUTORIAL_WORKDIR", str(tmp_path))
+    require_local_triton()
     with pytest.raises(TutorialError) as err:
         launch_triton(TEMPLATE_REPOSITORY, runtime="bundled", timeout=120)
     log = str(err.value)
@@ -295,6 +297,7 @@ def test_the_committed_template_says_to_run_notebook_03(tmp_path):
 def _need_sandbox():
     from tutorial.triton_local import can_sandbox
 
+    require_local_triton()
     if not can_sandbox():
         if os.environ.get("CI") == "true":
             pytest.fail("CI runs as root with unshare: the /dev/shm tests must run there")

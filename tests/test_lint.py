@@ -84,3 +84,42 @@ def test_generated_files_are_not_tracked():
         if re.search(r"\.(onnx|h5|pem|key)$|(^|/)(vocab\.json|merges\.txt)$", f)
     ]
     assert not tracked, tracked
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_no_large_files_outside_images():
+    """Profiles, data and outputs stay out of the tree (a 64 MB profile was once committed)."""
+    big = [
+        name
+        for name in tracked_files()
+        if not name.startswith("images/")
+        and (ROOT / name).is_file()
+        and (ROOT / name).stat().st_size > 2 * 2**20
+    ]
+    assert not big, big
+
+
+def test_no_tracked_symlinks():
+    """Checkouts without symlink support (Windows) get a text file instead of the target."""
+    out = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True)
+    assert [line for line in out.stdout.splitlines() if line.startswith("120000")] == []
+
+
+#: Names of files outside this repository that notes once pointed to.
+NOT_IN_REPO = re.compile(r"REFERENCE\.md|see REFERENCE|CONVENTIONS\.md|\bshared/seeds\b")
+
+
+def test_no_references_to_files_not_in_the_repository():
+    hits = []
+    for name in tracked_files():
+        path = ROOT / name
+        if not path.is_file() or path.suffix == ".png" or name == "tests/test_lint.py":
+            continue
+        hits += [
+            f"{name}: {m.group(0)}" for m in NOT_IN_REPO.finditer(path.read_text(errors="ignore"))
+        ]
+    assert not hits, hits

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 
 from tests.conftest import notebook_text as outputs_text
-from tests.conftest import run_notebook
+from tests.conftest import require_local_triton, run_notebook
 
 
 @pytest.mark.slow
@@ -38,6 +38,7 @@ def test_notebooks_01_to_03(tiny_workdir):
 
 @pytest.mark.slow
 def test_notebook_04(tiny_workdir):
+    require_local_triton()
     out = run_notebook("04_local_triton", tiny_workdir / "executed")
     text = outputs_text(out)
     assert "runtime: bundled" in text

@@ -17,7 +17,8 @@ import numpy as np
 
 from tutorial.common import REPO_ROOT, TutorialError
 
-#: The Triton 24.10 container's onnxruntime loads at most these (REFERENCE.md).
+#: The Triton 24.10 container's onnxruntime (1.19.2) loads at most these (onnxruntime's
+#: versioning table: https://onnxruntime.ai/docs/reference/compatibility.html).
 MAX_IR_VERSION = 10
 MAX_OPSET = 21
 DEFAULT_OPSET = 17

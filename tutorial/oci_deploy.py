@@ -5,7 +5,7 @@ real SDK at a loopback stand-in (``service_endpoint=``) and the same code runs a
 The OCI SDK is imported inside the functions: importing this module costs nothing.
 
 Limits this module enforces on the client side, so a learner sees a clear message instead of a
-bare HTTP error (see REFERENCE "OCI Data Science Model Deployment with Triton"):
+bare HTTP error (OCI Data Science documentation: model deployment limits and BYOC rules):
 
 - BYOC: ports 1024-65535 except 24224, 8446 and 8447; environment variables under 2048 bytes in
   total, keys under 32 characters (letters, digits and ``_``, starting with a letter).
