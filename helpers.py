@@ -48,6 +48,7 @@ from tutorial.export import (  # noqa: F401
     print_signature,
     quantize_int8,
     trim_to_last_logits,
+    weight_bytes_read_per_step,
 )
 from tutorial.measure import (  # noqa: F401
     HttpTarget,
