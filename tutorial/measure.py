@@ -492,10 +492,13 @@ class InProcessTarget:
         mask_type = dtypes[kinds["attention_mask"].type]
         n_layer, two, _, n_head, _, head_dim = kinds["past"].shape
         device = "cuda" if self.gpu else "cpu"
-        binding = session.io_binding()
-        past = ort.OrtValue.ortvalue_from_numpy(
-            np.zeros((n_layer, two, 1, n_head, 0, head_dim), dtype=np.float32), device, 0
-        )
+        # onnxruntime 1.19 (Triton 24.10's) does not keep alive what an OrtValue or a binding
+        # points to: the numpy arrays stay referenced here, and each step gets a new binding
+        # while the previous one (which owns the cache now bound as `past`) is kept until the
+        # step is done. Clearing a binding would free the cache it returned.
+        empty = np.zeros((n_layer, two, 1, n_head, 0, head_dim), dtype=np.float32)
+        past = ort.OrtValue.ortvalue_from_numpy(empty, device, 0)
+        previous = None
         ids = np.asarray([prompt.ids], dtype=id_type)
         total = ids.shape[1]
         tokens: list[int] = []
@@ -504,20 +507,22 @@ class InProcessTarget:
         start = time.perf_counter()
         for _ in range(max_new_tokens):
             step_start = time.perf_counter()
+            binding = session.io_binding()
+            mask = np.ones((1, total), dtype=mask_type)
             binding.bind_cpu_input("input_ids", ids)
-            binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=mask_type))
+            binding.bind_cpu_input("attention_mask", mask)
             binding.bind_ortvalue_input("past", past)
             binding.bind_output("logits", "cpu")
             binding.bind_output("present", device, 0)
             session.run_with_iobinding(binding)
             logits, past = binding.get_outputs()
+            previous = binding  # owns `past` until the next step has run
             token = int(np.argmax(logits.numpy()[0]))
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
             steps.append((time.perf_counter() - step_start) * 1000.0)
             tokens.append(token)
             ids = np.asarray([[token]], dtype=id_type)
             total += 1
+        del previous
         latency_ms = (time.perf_counter() - start) * 1000.0
         return CallResult(started_at, latency_ms, len(tokens), token_ids=tokens, step_ms=steps)
 
