@@ -155,6 +155,21 @@ class TritonServer:
         except OSError:
             return "(no log)"
 
+    def memory_bytes(self) -> int:
+        """Resident memory of the server and the processes it started (backend stubs): the sum
+        of VmRSS over its process group, read from /proc (0 where that cannot be read)."""
+        total = 0
+        for status in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = status.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) != self.process.pid:  # fields[2]: the process group id
+                    continue
+                rss = (status.parent / "status").read_text().split("VmRSS:")[1].split()[0]
+                total += int(rss) * 1024
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
+
     def log_errors(self, limit: int = 10) -> str:
         """The error lines of the server log (``E...`` lines: why a model failed to load)."""
         try:
