@@ -37,17 +37,18 @@ from tutorial.common import (  # noqa: F401
     workdir,
 )
 from tutorial.export import (  # noqa: F401
+    EXPORT_STAGES,
     check_loadable_by_triton,
-    convert_saved_model,
     empty_past,
-    export_with_past,
+    export_stage_command,
     greedy_with_past,
     onnx_signature,
     ort_logits,
     ort_session,
     print_signature,
     quantize_int8,
-    trim_to_last_logits,
+    run_export_stage,
+    run_monitored,
     weight_bytes_read_per_step,
 )
 from tutorial.measure import (  # noqa: F401
@@ -100,6 +101,7 @@ from tutorial.oci_deploy import (  # noqa: F401
     wait_for_deployment,
     wait_for_work_request,
 )
+from tutorial.onnx_surgery import trim_to_last_logits  # noqa: F401
 from tutorial.plots import (  # noqa: F401
     DEFAULT_TARGETS,
     PLOT_FILES,

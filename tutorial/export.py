@@ -1,12 +1,14 @@
 """ONNX export and parity checks (notebook 02).
 
-Heavy work runs in child processes so TensorFlow's conversion memory is returned to the
-system when it ends: the 124M model's conversion alone takes several GB, and TensorFlow
-never gives memory back inside a process.
+The export's stages run in child processes (:func:`run_export_stage`), each with its memory
+sampled: TensorFlow never gives memory back inside a process, and a child's memory goes away
+when it ends. The stages themselves are in :mod:`tutorial.export_past`, the ONNX graph edits in
+:mod:`tutorial.onnx_surgery`.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -26,58 +28,107 @@ DEFAULT_OPSET = 17
 ONNX_DTYPES = {1: "FLOAT", 6: "INT32", 7: "INT64", 10: "FLOAT16", 11: "DOUBLE", 9: "BOOL"}
 
 
-def run_logged(cmd: list[str], log_path: Path, what: str) -> float:
-    """Run ``cmd``, streaming its output to ``log_path`` and a line of progress to stdout.
+#: The three stages of the export (``python -m tutorial.export_past STAGE``), in order.
+EXPORT_STAGES = ("trace", "convert", "assemble")
 
-    Returns the seconds it took; raises :class:`TutorialError` with the log's tail on failure.
+
+def run_monitored(
+    cmd: list[str],
+    log_path: Path,
+    what: str,
+    every_s: float = 15.0,
+    sample_s: float = 0.5,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run ``cmd`` as a child process, logging to ``log_path`` and sampling its memory.
+
+    Every ``sample_s`` seconds it reads the resident memory (RSS) of the child and of its own
+    children, and the machine's used memory (``free``'s "used"). Every ``every_s`` seconds it
+    prints a progress line (elapsed time, ``what``, the child's RSS and peak so far), and it
+    echoes the child's own progress lines (those starting with ``[``, as the export stages
+    print them) as they come. Returns ``seconds``, ``peak_rss`` (the process tree, sampled),
+    ``max_rss`` (the largest single process, from the kernel, as GNU time reports it) and the
+    machine's used memory before, at peak and after (bytes). Raises :class:`TutorialError`
+    with the log's tail if the command fails; an interrupt stops the child.
     """
+    import psutil
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    print(f"{what}: {' '.join(cmd[1:])}\n  (log: {log_path})", flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    if not quiet:
+        shown = [Path(cmd[0]).name, *cmd[1:]]
+        print(f"$ {' '.join(shown)}\n  (log: {log_path})", flush=True)
+    used_before = psutil.virtual_memory().used
+    start = last_print = time.monotonic()
+    peak_rss, used_peak, status, rusage = 0, used_before, 0, None
+    with open(log_path, "w") as log, open(log_path, errors="replace") as follow:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        pending, reaped = "", False
+        try:
+            parent = psutil.Process(proc.pid)
+            while True:
+                pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+                done = reaped = pid == proc.pid
+                if not done:
+                    try:
+                        tree = [parent, *parent.children(recursive=True)]
+                        rss = sum(p.memory_info().rss for p in tree)
+                    except psutil.Error:
+                        rss = 0  # it exited between two reads
+                    peak_rss = max(peak_rss, rss)
+                    used_peak = max(used_peak, psutil.virtual_memory().used)
+                *lines, pending = (pending + follow.read()).split("\n")
+                for line in lines if not quiet else []:
+                    if line.startswith("["):
+                        print(f"  | {line}", flush=True)
+                if done:
+                    break
+                now = time.monotonic()
+                if not quiet and now - last_print >= every_s:
+                    last_print = now
+                    print(
+                        f"  [{now - start:5.0f} s] {what}: RSS {rss / 1e9:.2f} GB "
+                        f"(peak {peak_rss / 1e9:.2f} GB)",
+                        flush=True,
+                    )
+                time.sleep(sample_s)
+        except BaseException:
+            if not reaped:
+                proc.kill()
+                proc.wait()
+            raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.monotonic() - start
+    result = {
+        "seconds": elapsed,
+        "peak_rss": peak_rss,
+        "max_rss": rusage.ru_maxrss * 1024,  # kB on Linux
+        "used_before": used_before,
+        "used_peak": used_peak,
+        "used_after": psutil.virtual_memory().used,
+    }
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
         raise TutorialError(f"{what} failed (exit {proc.returncode}); its log ends with:\n{tail}")
-    print(f"{what}: done in {elapsed:.1f} s", flush=True)
-    return elapsed
+    if not quiet:
+        print(
+            f"{what}: done in {elapsed:.1f} s, peak RSS "
+            f"{max(peak_rss, result['max_rss']) / 1e9:.2f} GB",
+            flush=True,
+        )
+    return result
 
 
-def convert_saved_model(
-    saved_model_dir: Path, output: Path, opset: int = DEFAULT_OPSET, log_dir: Path | None = None
-) -> float:
-    """The seed's export: ``python -m tf2onnx.convert --saved-model ... --output ...``."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "tf2onnx.convert",
-        "--saved-model",
-        str(saved_model_dir),
-        "--opset",
-        str(opset),
-        "--output",
-        str(output),
-    ]
-    return run_logged(cmd, (log_dir or output.parent) / "tf2onnx_saved_model.log", "tf2onnx")
+def export_stage_command(stage: str, *args: Any) -> list[str]:
+    """The command line of one export stage (see :mod:`tutorial.export_past`)."""
+    if stage not in EXPORT_STAGES:
+        raise TutorialError(f"stage must be one of {EXPORT_STAGES}, not {stage!r}")
+    return [sys.executable, "-m", "tutorial.export_past", stage, *(str(a) for a in args)]
 
 
-def export_with_past(
-    model_dir: Path, output: Path, opset: int = DEFAULT_OPSET, log_dir: Path | None = None
-) -> float:
-    """Export the decoder-with-past model (see :mod:`tutorial.export_past`) in a child process."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "tutorial.export_past",
-        str(model_dir),
-        str(output),
-        "--opset",
-        str(opset),
-    ]
-    return run_logged(cmd, (log_dir or output.parent) / "tf2onnx_with_past.log", "export with past")
+def run_export_stage(stage: str, *args: Any, log_dir: Path, **monitor: Any) -> dict[str, Any]:
+    """Run one export stage in a child process with progress lines; return its figures."""
+    cmd = export_stage_command(stage, *args)
+    return run_monitored(cmd, log_dir / f"export_{stage}.log", stage, **monitor)
 
 
 def onnx_signature(path: Path) -> dict[str, Any]:
@@ -128,65 +179,6 @@ def check_loadable_by_triton(path: Path) -> dict[str, Any]:
             f"a lower --opset."
         )
     return sig
-
-
-def trim_to_last_logits(full: Path, output: Path) -> dict[str, Any]:
-    """Rewrite the seed's export so it returns only what the decoder uses.
-
-    The seed's model returns ``logits [B, L, vocab]`` and the stacked ``past_key_values``;
-    the decoder reads one row of the logits. This adds ``last_logits [B, vocab]``, the row at
-    each sequence's last real position (from ``attention_mask``), and drops everything else,
-    so the ensemble moves ``vocab`` floats per step instead of ``L * vocab`` plus the cache.
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(full))
-    graph = model.graph
-    names = [o.name for o in graph.output]
-    if "logits" not in names:
-        raise TutorialError(f"{full.name} has outputs {names}; expected 'logits'.")
-    mask = next((i.name for i in graph.input if i.name == "attention_mask"), None)
-    if mask is None:
-        raise TutorialError(f"{full.name} has no 'attention_mask' input.")
-    vocab = next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim[-1]
-    one = helper.make_tensor("trim_one", TensorProto.INT64, [], [1])
-    axis = helper.make_tensor("trim_axis", TensorProto.INT64, [1], [1])
-    graph.initializer.extend([one, axis])
-    graph.node.extend(
-        [
-            helper.make_node("Cast", [mask], ["trim_mask64"], to=TensorProto.INT64),
-            helper.make_node("ReduceSum", ["trim_mask64", "trim_axis"], ["trim_len"], keepdims=1),
-            helper.make_node("Sub", ["trim_len", "trim_one"], ["trim_last"]),
-            helper.make_node("GatherND", ["logits", "trim_last"], ["last_logits"], batch_dims=1),
-        ]
-    )
-    out = helper.make_tensor_value_info(
-        "last_logits", TensorProto.FLOAT, ["batch", vocab.dim_value]
-    )
-    del graph.output[:]
-    graph.output.append(out)
-    prune_unused(graph)
-    onnx.checker.check_model(model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(output))
-    return onnx_signature(output)
-
-
-def prune_unused(graph: Any) -> None:
-    """Drop nodes and initializers that no graph output depends on."""
-    needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(list(graph.node)):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    keep.reverse()
-    del graph.node[:]
-    graph.node.extend(keep)
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
 
 
 def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> Any:
@@ -248,7 +240,7 @@ def greedy_with_past(
 
 
 def ort_logits(session: Any, input_ids: list[int], output: str = "logits") -> np.ndarray:
-    """Run the seed's (or the trimmed) model on one sequence and return ``output``."""
+    """Run the plain (or the trimmed) model on one sequence and return ``output``."""
     feeds = {
         "input_ids": np.asarray([input_ids], dtype=input_dtype(session, "input_ids")),
         "attention_mask": np.ones(
