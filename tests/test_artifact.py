@@ -363,7 +363,8 @@ def test_when_shm_is_too_small_the_answer_says_so_and_the_server_goes_on(
 
 
 def test_shm_check_refuses_what_cannot_fit():
-    """generate's check, on GPT-2 124M's numbers: 72 KiB of cache per token, four caches."""
+    """generate's check, on GPT-2 124M's numbers: 72 KiB of cache per token, eight caches
+    (the config's shm_caches_per_step)."""
     import importlib.util
     import sys
     import types
@@ -377,11 +378,11 @@ def test_shm_check_refuses_what_cannot_fit():
     spec.loader.exec_module(module)
     per_token = 12 * 2 * 12 * 64 * 4
     assert per_token == 73728
-    assert module.shm_problem(200, per_token, 4, 64 * 2**20) is None
-    message = module.shm_problem(1050, per_token, 4, 64 * 2**20)
+    assert module.shm_problem(113, per_token, 8, 64 * 2**20) is None
+    message = module.shm_problem(1024, per_token, 8, 64 * 2**20)
     assert message == (
-        "this request needs about 295 MiB of shared memory for its KV cache (1050 tokens: "
-        "prompt plus MAX_NEW_TOKENS), but /dev/shm holds 64 MiB (at most about 227 tokens "
+        "this request needs about 576 MiB of shared memory for its KV cache (1024 tokens: "
+        "prompt plus MAX_NEW_TOKENS), but /dev/shm holds 64 MiB (at most about 113 tokens "
         "fit): send a shorter prompt or fewer MAX_NEW_TOKENS, or give the server more shared "
         "memory (docker run --shm-size=2g; see the README's troubleshooting)"
     )

@@ -92,7 +92,7 @@ class TritonPythonModel:
         self.cache_bytes_per_token = n_layer * two * n_head * head_dim * 4
         # KV caches of a request's length in /dev/shm at once during a step (parameter
         # shm_caches_per_step, explained in config.pbtxt).
-        self.shm_copies = int(params.get("shm_caches_per_step", "4"))
+        self.shm_copies = int(params.get("shm_caches_per_step", "8"))
         self.shm_available = shm_bytes()
         self.tokenizer = ByteLevelBPETokenizer(str(here / "vocab.json"), str(here / "merges.txt"))
         self.tokenizer.add_special_tokens([END_OF_TEXT])
