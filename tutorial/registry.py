@@ -660,12 +660,19 @@ def remove_local_image(engine: ContainerEngine, reference: str) -> None:
 
 
 def record_image(
-    reference: str, digest: str, *, registry: str, engine: ContainerEngine | str
+    reference: str,
+    digest: str,
+    *,
+    registry: str,
+    engine: ContainerEngine | str,
+    size_bytes: int | None = None,
+    repository: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the pushed image to the state file's ``image`` section for notebook 06.
 
     Notebook 06 deploys ``reference`` pinned to ``digest``, so the deployment runs exactly the
-    bytes pushed here even if the tag is pushed again later.
+    bytes pushed here even if the tag is pushed again later. ``size_bytes`` and ``repository``
+    (:func:`ensure_container_repository`'s answer: its OCID and compartment) are kept with it.
     """
     reference = check_image_reference(reference)
     if not _DIGEST.fullmatch(digest):
@@ -682,6 +689,8 @@ def record_image(
         registry=registry,
         engine=engine if isinstance(engine, str) else engine.name,
         weights=weights,
+        size_bytes=size_bytes,
+        repository=repository,
         cmd=list(TRITON_CMD),
         server_port=TRITON_PORTS["http"],
         health_check_port=TRITON_PORTS["http"],
