@@ -87,8 +87,10 @@ RULES = {
     "cmd": "SDK OcirModelDeploymentEnvironmentConfigurationDetails.cmd/entrypoint: combined "
     "size under 2048 bytes",
     "flex": "https://docs.oracle.com/en-us/iaas/data-science/using/supported-shapes.htm",
-    "autoscaling": "SDK AutoScalingPolicy.cool_down_in_seconds (minimum 300 s); "
-    "ThresholdBasedAutoScalingPolicyDetails",
+    "autoscaling": "Python SDK 2.189 AutoScalingPolicy.cool_down_in_seconds (minimum 300 s; "
+    ".NET 90.x pages say 600); ThresholdBasedAutoScalingPolicyDetails (minimum <= initial <= "
+    "maximum); scale-in/scale-out thresholds in percent",
+    "bandwidth_min": "bandwidthMbps >= 10: kept from the first stand-in, not re-verified",
     "bandwidth": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
     "autoscale-vms-custom-metrics-steps.htm",
     "image": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
@@ -427,10 +429,12 @@ class OciStandIn:
 
         self.keys = {credentials.key_id: credentials.public_key}
         self.tenancy = credentials.tenancy
+        #: With ``triton_url``: the container of every deployment, also of those a test puts
+        #: in ``deployments`` by hand.
+        self._upstream = RunningUpstream(triton_url.rstrip("/")) if triton_url else None
         if launcher is None:
-            if triton_url:
-                upstream = RunningUpstream(triton_url.rstrip("/"))
-                launcher = lambda zip_path, command: upstream  # noqa: E731
+            if self._upstream is not None:
+                launcher = lambda zip_path, command: self._upstream  # noqa: E731
             else:
                 launcher = triton_container
         self.launcher = launcher
@@ -1005,7 +1009,7 @@ class OciStandIn:
 
     def _check_scaling(self, model_config: Any) -> None:
         bandwidth = model_config.bandwidth_mbps
-        if bandwidth is not None and bandwidth < 10:
+        if bandwidth is not None and bandwidth < 10:  # RULES["bandwidth_min"]
             raise self._invalid("bandwidthMbps must be at least 10.")
         maximum = model_config.maximum_bandwidth_mbps
         if maximum is not None and not (bandwidth or 10) < maximum <= 2 * (bandwidth or 10):
@@ -1335,7 +1339,7 @@ class OciStandIn:
                     503: ("ServiceUnavailable", "Model server unavailable."),
                 }[status]
                 raise ApiError(status, code, message)
-            container = self.containers.get(id)
+            container = self.containers.get(id) or self._upstream
         name = h.headers.get("model_name")
         version = h.headers.get("model_version")
         if not name:

@@ -89,7 +89,8 @@ CMD_ENTRYPOINT_LIMIT_BYTES = 2048
 #: DOCS["shapes"]: standard flexible shapes for model deployments, memory per OCPU.
 FLEX_MIN_GB_PER_OCPU = 6
 FLEX_MAX_GB_PER_OCPU = 64
-#: DOCS["sdk_autoscaling"] (SDK 2.189): "The minimum value is 300 seconds".
+#: DOCS["sdk_autoscaling"]: the Python SDK pinned here (2.189) says "The minimum value is 300
+#: seconds"; older .NET SDK pages (90.x) say 600. deployment_request uses 600, which meets both.
 AUTOSCALING_MIN_COOLDOWN_S = 300
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 FAILED_STATES = ("FAILED", "NEEDS_ATTENTION")
