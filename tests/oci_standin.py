@@ -1,9 +1,10 @@
-"""A loopback stand-in for OCI Data Science and Model Deployment (a test utility, not a feature).
+"""A loopback stand-in for OCI Data Science, Model Deployment and Container Registry's API (a
+test utility, not a feature).
 
 No public emulator covers these services, so the tests point the real OCI SDK at this server
 (every SDK client takes ``service_endpoint=``) and send the tutorial's signed ``/predict``
 requests to it. It runs on 127.0.0.1 (a free port, in a thread), checks what OCI checks and
-answers the way OCI answers:
+answers the way OCI answers; each rule names its public source.
 
 - Every request: the draft-cavage HTTP signature in ``Authorization`` is parsed, the signing
   string rebuilt from the listed headers and verified with the test key's public key; the
@@ -12,24 +13,35 @@ answers the way OCI answers:
   binary artifact upload, which the SDK signs without them), a signed ``x-content-sha256`` and
   ``content-length`` must match the body, the date must be within 5 minutes.
   Otherwise: 401 ``NotAuthenticated``.
-- Request bodies are checked against the SDK's own model classes (``oci.data_science.models``):
-  unknown fields, wrong JSON types, missing ``[Required]`` fields and values outside the
-  documented enums answer 400 with OCI's error JSON ``{"code": ..., "message": ...}``; so do
-  BYOC rule breaks (ports, environment variables), unknown shapes, Flex shapes without OCPUs
-  and memory, malformed images, digests and OCIDs, and models without an artifact.
-- Life cycle: deployments walk CREATING -> ACTIVE (or FAILED with ``lifecycle_details``) and
-  DELETING -> DELETED through work requests, after ``polls_to_finish`` polls; a model used by
-  a live deployment cannot be deleted (409 ``IncorrectState``). A deployment also ends FAILED
-  where Triton would not start: a ``--model-repository`` that is not in the artifact, a server
-  or health-check port Triton does not listen on, ``KIND_GPU`` models on a CPU shape.
-- ``POST /{md_ocid}/predict`` works like ``CONTAINER_TYPE=TRITON``: it forwards the body to
-  ``{triton_url}/v2/models/{model_name}/versions/{model_version}/infer``, the model chosen by
-  the ``model_name``/``model_version`` or ``model-name``/``model-version`` headers; payloads over
-  10 MB answer 413.
+- Request bodies are checked against the SDK's own model classes (``oci.data_science.models``,
+  ``oci.artifacts.models``): unknown fields, wrong JSON types, missing ``[Required]`` fields
+  and values outside the documented enums answer 400 with OCI's error JSON
+  ``{"code": ..., "message": ...}``. So do the documented deployment rules (``RULES``): BYOC
+  ports, environment variables, ``cmd`` + ``entrypoint`` size, Flex memory per OCPU,
+  autoscaling bounds, bandwidth; unknown shapes, malformed images, digests and OCIDs, models
+  without an artifact.
+- A deployment runs what it was given. Its work request starts, in the background, the real
+  local Triton (``serve_artifact``: the uploaded artifact zip unpacked read-only as
+  ``/opt/ds/model/deployed_model``, the deployment's ``cmd``, no check of the zip, as OCI does
+  none), waits for ``/v2/health/ready`` like OCI's health check, and only then turns ACTIVE.
+  It ends FAILED, with Triton's own error lines in ``lifecycle_details``, when Triton exits;
+  FAILED with "Unable to access the container image" when the image's repository is not in
+  the deployment's compartment (the compartment its ``read repos`` policy names) or does not
+  exist; FAILED when Triton would not answer the health check (ports). Deleting a deployment
+  stops its server; :meth:`OciStandIn.stop` stops all.
+- ``POST /{md_ocid}/predict`` works like ``CONTAINER_TYPE=TRITON``: it forwards the body to the
+  deployment's ``/v2/models/{model_name}/versions/{model_version}/infer``. The model is picked
+  by the ``model_name`` / ``model_version`` headers, the only spelling OCI documents (Oracle's
+  Triton sample); ``model-name`` / ``model-version`` are not documented, so a request that
+  only has those is refused (400) rather than guessed at. Over 10 MB: 413; no Content-Length:
+  411; past the time limit: 500 (the service's 60 s timeout); no predict policy: 404
+  ``NotAuthorizedOrNotFound`` (``deny_predict``).
+- Container Registry: ``create/list/get/delete_container_repository`` (private repositories
+  in a compartment; a name is unique in the tenancy's namespace: 409 otherwise).
 
-Knobs for error paths: :meth:`OciStandIn.fail_next_deployment`, :meth:`OciStandIn.answer_429`,
-:meth:`OciStandIn.delay_predict`. Anything it does not implement answers 404 and is recorded in
-``unhandled`` (tests assert it stays empty).
+Knobs for error paths: :meth:`OciStandIn.fail_next_deployment`, :meth:`OciStandIn.answer_errors`,
+:meth:`OciStandIn.delay_predict`, :meth:`OciStandIn.deny_predict`. Anything it does not
+implement answers 404 and is recorded in ``unhandled`` (tests assert it stays empty).
 """
 
 from __future__ import annotations
@@ -49,19 +61,49 @@ import urllib.parse
 import urllib.request
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-API = "/20190101"
+DATA_SCIENCE_API = "/20190101"
+ARTIFACTS_API = "/20160918"
 PREDICT_PAYLOAD_LIMIT_BYTES = 10 * 1024 * 1024
 MAX_CLOCK_SKEW_S = 300
-DEPLOYED_MODEL_DIR = "/opt/ds/model/deployed_model/"
 #: Binary uploads OCI signs without the body headers (the SDK passes
 #: ``enforce_content_headers=False`` for them, as for Object Storage uploads).
 UNSIGNED_BODY_OPERATIONS = {"create_model_artifact"}
 BOOTSTRAP_FAILED = "Errors occurred while bootstrapping the Model Deployment."
+IMAGE_ACCESS_FAILED = (
+    "Unable to access the container image: Data Science found no authorized path to it in the "
+    "tenancy (a missing resource principal policy, an incorrect image path, or an image that "
+    "does not exist)."
+)
+#: Where each rule the stand-in applies is documented.
+RULES = {
+    "env": "https://docs.oracle.com/en-us/iaas/data-science/using/mod-dep-byoc-variables.htm",
+    "byoc": "https://docs.oracle.com/en-us/iaas/data-science/using/mod-dep-byoc.htm",
+    "cmd": "SDK OcirModelDeploymentEnvironmentConfigurationDetails.cmd/entrypoint: combined "
+    "size under 2048 bytes",
+    "flex": "https://docs.oracle.com/en-us/iaas/data-science/using/supported-shapes.htm",
+    "autoscaling": "Python SDK 2.189 AutoScalingPolicy.cool_down_in_seconds (minimum 300 s; "
+    ".NET 90.x pages say 600); ThresholdBasedAutoScalingPolicyDetails (minimum <= initial <= "
+    "maximum); scale-in/scale-out thresholds in percent",
+    "bandwidth_min": "bandwidthMbps >= 10: kept from the first stand-in, not re-verified",
+    "bandwidth": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
+    "autoscale-vms-custom-metrics-steps.htm",
+    "image": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
+    "tshoot-model-deploy-byoc.htm",
+    "predict": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
+    "model-dep-predict-endpoint.htm",
+}
+RESERVED_ENV_KEYS = {
+    "MODEL_DEPLOYMENT_OCID",
+    "MODEL_SERVING_PYTHON_VERSION",
+    "TENANCY_OCID",
+    "CONTAINER_CUSTOM_IMAGE",
+}
 #: Shapes Model Deployment offers (a subset; the real list comes from list_model_deployment_shapes).
 KNOWN_SHAPES = {
     "VM.Standard2.1",
@@ -156,10 +198,10 @@ def make_test_credentials(directory: Path, profile: str = "DEFAULT") -> StandInC
 # Validation with the SDK's own models
 
 
-def _models() -> Any:
-    from oci.data_science import models
+def _models(module: str = "data_science") -> Any:
+    import oci
 
-    return models
+    return getattr(oci, module).models
 
 
 def _allowed_values(doc: str) -> list[str] | None:
@@ -169,7 +211,13 @@ def _allowed_values(doc: str) -> list[str] | None:
     return re.findall(r'"([^"]*)"', match.group(1))
 
 
-def check_json(value: Any, swagger_type: str, path: str, errors: list[tuple[str, str]]) -> None:
+def check_json(
+    value: Any,
+    swagger_type: str,
+    path: str,
+    errors: list[tuple[str, str]],
+    module: str = "data_science",
+) -> None:
     """Check raw JSON against an SDK type (``swagger_types`` notation); append (code, message)."""
     where = path.rstrip(".") or "body"
     if value is None:
@@ -194,16 +242,17 @@ def check_json(value: Any, swagger_type: str, path: str, errors: list[tuple[str,
             return
         inner = swagger_type[5:-1]
         for i, item in enumerate(value):
-            check_json(item, inner, f"{path.rstrip('.')}[{i}].", errors)
+            check_json(item, inner, f"{path.rstrip('.')}[{i}].", errors, module)
     elif swagger_type.startswith("dict("):
         if not isinstance(value, dict):
             errors.append(("InvalidParameter", f"{where}: must be an object"))
             return
         inner = swagger_type[5:-1].split(",", 1)[1].strip()
         for key, item in value.items():
-            check_json(item, inner, f"{path}{key}.", errors)
+            check_json(item, inner, f"{path}{key}.", errors, module)
     else:
-        cls = getattr(_models(), swagger_type, None)
+        models = _models(module)
+        cls = getattr(models, swagger_type, None)
         if cls is None:
             return
         if not isinstance(value, dict):
@@ -211,7 +260,7 @@ def check_json(value: Any, swagger_type: str, path: str, errors: list[tuple[str,
             return
         if hasattr(cls, "get_subtype"):
             try:
-                cls = getattr(_models(), cls.get_subtype(value))
+                cls = getattr(models, cls.get_subtype(value))
             except KeyError as exc:
                 errors.append(("MissingParameter", f"{path}{exc.args[0]}: required"))
                 return
@@ -239,17 +288,20 @@ def check_json(value: Any, swagger_type: str, path: str, errors: list[tuple[str,
                                 f"{path}{key}: {one!r} is not one of {', '.join(allowed)}",
                             )
                         )
-            check_json(item, attr_type, f"{path}{key}.", errors)
+            check_json(item, attr_type, f"{path}{key}.", errors, module)
+
+
+def _bad_port(port: int) -> bool:
+    return not 1024 <= port <= 65535 or port in (24224, 8446, 8447)
 
 
 def byoc_problems(env_config: Any) -> list[str]:
-    """OCI's bring-your-own-container rules (checked independently of the tutorial's code)."""
+    """OCI's bring-your-own-container rules, written independently of the tutorial's checks:
+    ports (RULES["byoc"]), environment variables (RULES["env"]), cmd + entrypoint (RULES["cmd"])."""
     problems = []
     for name in ("server_port", "health_check_port"):
         port = getattr(env_config, name)
-        if port is None:
-            continue
-        if not 1024 <= port <= 65535 or port in (24224, 8446, 8447):
+        if port is not None and _bad_port(port):
             problems.append(
                 f"{name} {port} is not allowed: use 1024-65535 except 24224, 8446 and 8447"
             )
@@ -257,12 +309,27 @@ def byoc_problems(env_config: Any) -> list[str]:
     size = sum(len(k.encode()) + len(v.encode()) for k, v in variables.items())
     if size >= 2048:
         problems.append(f"environmentVariables use {size} bytes; the limit is 2048")
-    for key in variables:
-        if len(key) >= 32 or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", key):
+    for key, value in variables.items():
+        if (
+            not 2 <= len(key) < 32
+            or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", key)
+            or key.endswith("_")
+        ):
             problems.append(
-                f"environment variable key {key!r} is invalid: under 32 characters, letters, "
-                "digits and underscores, starting with a letter"
+                f"environment variable key {key!r} is invalid: 2 to 31 characters, letters, "
+                "digits and underscores, starting with a letter and not ending with an underscore"
             )
+        elif key in RESERVED_ENV_KEYS:
+            problems.append(f"environment variable key {key!r} is reserved: the service sets it")
+        elif key.upper().endswith("PORT") and value.isdigit() and _bad_port(int(value)):
+            problems.append(
+                f"environment variable {key}={value}: ports must be 1024-65535 except 24224, "
+                "8446 and 8447"
+            )
+    command = [*(env_config.entrypoint or []), *(env_config.cmd or [])]
+    size = sum(len(part.encode()) for part in command)
+    if size >= 2048:
+        problems.append(f"cmd and entrypoint use {size} bytes together; the limit is 2048")
     return problems
 
 
@@ -273,6 +340,46 @@ def _require_ocid(value: str | None, kinds: tuple[str, ...], field: str) -> None
         raise ApiError(
             400, "InvalidParameter", f"{field}: {value!r} is not an OCID of a {' or '.join(kinds)}"
         )
+
+
+def _http_port(command: list[str]) -> int:
+    """The HTTP port Triton listens on with this command line (its default is 8000)."""
+    ports = [int(a.split("=", 1)[1]) for a in command if a.startswith("--http-port=")]
+    return ports[-1] if ports else 8000
+
+
+# --------------------------------------------------------------------------------------------
+# Containers: what a deployment runs
+
+
+@dataclass
+class RunningUpstream:
+    """An already-running HTTP server that plays every deployment's container (API tests)."""
+
+    url: str
+
+    def stop(self) -> None:
+        pass
+
+
+def triton_container(zip_path: Path, command: list[str]) -> Any:
+    """The real local Triton serving the artifact zip with the deployment's command, as OCI
+    runs the container; raises ``TutorialError`` (with Triton's log) when it does not start."""
+    from tutorial.triton_local import serve_artifact
+
+    return serve_artifact(zip_path, cmd=command, check=False, runtime="bundled")
+
+
+def triton_error_lines(message: str) -> str:
+    """Triton's own error lines (``E1125 ... file.cc:12] text``) from a start failure, without
+    the timestamp prefix; the whole message when there are none."""
+    lines = [
+        re.sub(r"^E\d{4} [\d:.]+\s+\d+\s+\S+\]\s*", "", line)
+        for line in message.splitlines()
+        if re.match(r"E\d{4} ", line)
+    ]
+    unique = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
+    return " | ".join(unique) if unique else " ".join(message.split())
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,37 +405,62 @@ class _Server(ThreadingHTTPServer):
 
 
 class OciStandIn:
-    """The stand-in server. Use as a context manager; ``url`` is its service endpoint."""
+    """The stand-in server. Use as a context manager; ``url`` is its service endpoint.
+
+    ``triton_url``: for API-only tests, every deployment's container is this already-running
+    server (no Triton is started); by default each deployment starts the real local Triton on
+    its artifact zip. ``launcher(zip_path, command)`` replaces either.
+    """
 
     def __init__(
         self,
         credentials: StandInCredentials,
         *,
         triton_url: str | None = None,
+        launcher: Callable[[Path, list[str]], Any] | None = None,
         polls_to_finish: int = 3,
         page_size: int = 2,
         predict_time_limit_s: float = 60.0,
+        namespace: str = "standinns",
     ) -> None:
         import oci
 
+        from tutorial.registry import TRITON_CMD
+
         self.keys = {credentials.key_id: credentials.public_key}
-        self.triton_url = triton_url.rstrip("/") if triton_url else None
+        self.tenancy = credentials.tenancy
+        #: With ``triton_url``: the container of every deployment, also of those a test puts
+        #: in ``deployments`` by hand.
+        self._upstream = RunningUpstream(triton_url.rstrip("/")) if triton_url else None
+        if launcher is None:
+            if self._upstream is not None:
+                launcher = lambda zip_path, command: self._upstream  # noqa: E731
+            else:
+                launcher = triton_container
+        self.launcher = launcher
+        #: The image's CMD (docker/Dockerfile): what runs when a deployment gives no cmd.
+        self.image_cmd = list(TRITON_CMD)
+        self.namespace = namespace
         self.polls_to_finish = polls_to_finish
         self.page_size = page_size
         self.predict_time_limit_s = predict_time_limit_s
         self.models: dict[str, dict[str, Any]] = {}
         self.deployments: dict[str, Any] = {}
+        self.containers: dict[str, Any] = {}
+        self.repositories: dict[str, Any] = {}
         self.work_requests: dict[str, dict[str, Any]] = {}
         self.requests: list[dict[str, Any]] = []
         self.unhandled: list[str] = []
         self.forwarded: list[dict[str, Any]] = []
         self.lock = threading.RLock()
+        self._threads: list[threading.Thread] = []
         self._fail_next: str | None = None
-        self._answer_429 = 0
+        self._errors: list[int] = []
         self._predict_delay_s = 0.0
+        self._predict_allowed = True
         self._retry_tokens: dict[tuple[str, str], tuple[int, bytes, dict[str, str]]] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="oci-standin-"))
-        # An SDK client used only for its (de)serializer; it never sends anything.
+        # SDK clients used only for their (de)serializers; they never send anything.
         fake_config = {
             "region": credentials.region,
             "user": credentials.user,
@@ -336,9 +468,14 @@ class OciStandIn:
             "fingerprint": credentials.fingerprint,
             "key_file": str(self._tmp / "unused"),
         }
-        self._sdk = oci.data_science.DataScienceClient(
-            fake_config, signer=object(), service_endpoint="http://127.0.0.1:1"
-        ).base_client
+        self._sdk = {
+            "data_science": oci.data_science.DataScienceClient(
+                fake_config, signer=object(), service_endpoint="http://127.0.0.1:1"
+            ).base_client,
+            "artifacts": oci.artifacts.ArtifactsClient(
+                fake_config, signer=object(), service_endpoint="http://127.0.0.1:1"
+            ).base_client,
+        }
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -363,7 +500,7 @@ class OciStandIn:
         return self
 
     def stop(self) -> None:
-        """Stop listening and remove the uploaded artifacts."""
+        """Stop listening, wait for work in flight, stop every container, remove the uploads."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -371,6 +508,14 @@ class OciStandIn:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        for entry in list(self.work_requests.values()):
+            entry["stop"].set()  # every container stops with its bring-up thread
+        for thread in list(self._threads):
+            thread.join(timeout=300)
+        with self.lock:
+            containers, self.containers = list(self.containers.values()), {}
+        for container in containers:  # only if a thread did not end in time
+            container.stop()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> OciStandIn:
@@ -384,13 +529,26 @@ class OciStandIn:
         """The next deployment created ends FAILED with these ``lifecycle_details``."""
         self._fail_next = lifecycle_details
 
+    def answer_errors(self, status: int, times: int) -> None:
+        """The next ``times`` predict calls answer HTTP ``status`` (429, 500 or 503)."""
+        self._errors = [status] * times
+
     def answer_429(self, times: int) -> None:
         """The next ``times`` predict calls answer HTTP 429."""
-        self._answer_429 = times
+        self.answer_errors(429, times)
 
     def delay_predict(self, seconds: float) -> None:
-        """Each predict call waits this long first (504 past ``predict_time_limit_s``)."""
+        """Each predict call waits this long first (500 past ``predict_time_limit_s``)."""
         self._predict_delay_s = seconds
+
+    def deny_predict(self, denied: bool = True) -> None:
+        """No policy lets the caller use /predict: 404 NotAuthorizedOrNotFound."""
+        self._predict_allowed = not denied
+
+    def add_repository(self, compartment_id: str, display_name: str) -> Any:
+        """A container repository, as if created in the Console (tests' shortcut)."""
+        with self.lock:
+            return self._new_repository(compartment_id, display_name, "tests")
 
     # ---- helpers for tests
     def operations(self) -> list[str]:
@@ -406,16 +564,32 @@ class OciStandIn:
 
     # ---- request handling
     ROUTES = [
-        ("POST", rf"{API}/models", "create_model"),
-        ("GET", rf"{API}/models", "list_models"),
-        ("POST", rf"{API}/models/(?P<id>[^/]+)/artifact", "create_model_artifact"),
-        ("GET", rf"{API}/models/(?P<id>[^/]+)", "get_model"),
-        ("DELETE", rf"{API}/models/(?P<id>[^/]+)", "delete_model"),
-        ("POST", rf"{API}/modelDeployments", "create_model_deployment"),
-        ("GET", rf"{API}/modelDeployments", "list_model_deployments"),
-        ("GET", rf"{API}/modelDeployments/(?P<id>[^/]+)", "get_model_deployment"),
-        ("DELETE", rf"{API}/modelDeployments/(?P<id>[^/]+)", "delete_model_deployment"),
-        ("GET", rf"{API}/workRequests/(?P<id>[^/]+)", "get_work_request"),
+        ("POST", rf"{DATA_SCIENCE_API}/models", "create_model"),
+        ("GET", rf"{DATA_SCIENCE_API}/models", "list_models"),
+        ("POST", rf"{DATA_SCIENCE_API}/models/(?P<id>[^/]+)/artifact", "create_model_artifact"),
+        ("GET", rf"{DATA_SCIENCE_API}/models/(?P<id>[^/]+)", "get_model"),
+        ("DELETE", rf"{DATA_SCIENCE_API}/models/(?P<id>[^/]+)", "delete_model"),
+        ("POST", rf"{DATA_SCIENCE_API}/modelDeployments", "create_model_deployment"),
+        ("GET", rf"{DATA_SCIENCE_API}/modelDeployments", "list_model_deployments"),
+        ("GET", rf"{DATA_SCIENCE_API}/modelDeployments/(?P<id>[^/]+)", "get_model_deployment"),
+        (
+            "DELETE",
+            rf"{DATA_SCIENCE_API}/modelDeployments/(?P<id>[^/]+)",
+            "delete_model_deployment",
+        ),
+        ("GET", rf"{DATA_SCIENCE_API}/workRequests/(?P<id>[^/]+)", "get_work_request"),
+        ("POST", rf"{ARTIFACTS_API}/container/repositories", "create_container_repository"),
+        ("GET", rf"{ARTIFACTS_API}/container/repositories", "list_container_repositories"),
+        (
+            "GET",
+            rf"{ARTIFACTS_API}/container/repositories/(?P<id>[^/]+)",
+            "get_container_repository",
+        ),
+        (
+            "DELETE",
+            rf"{ARTIFACTS_API}/container/repositories/(?P<id>[^/]+)",
+            "delete_container_repository",
+        ),
         ("POST", r"/(?P<id>ocid1\.datasciencemodeldeployment\.[^/]+)/predict", "predict"),
     ]
 
@@ -565,20 +739,20 @@ class OciStandIn:
         return fields["keyId"]
 
     # ---- (de)serialization
-    def _parse(self, body: Any, type_name: str) -> Any:
+    def _parse(self, body: Any, type_name: str, module: str = "data_science") -> Any:
         raw_bytes = body.read()
         try:
             raw = json.loads(raw_bytes)
         except ValueError as exc:
             raise ApiError(400, "CannotParseRequest", "The body is not valid JSON.") from exc
         errors: list[tuple[str, str]] = []
-        check_json(raw, type_name, "", errors)
+        check_json(raw, type_name, "", errors, module)
         if errors:
             raise ApiError(400, errors[0][0], "; ".join(message for _, message in errors))
-        return self._sdk.deserialize_response_data(raw_bytes, type_name)
+        return self._sdk[module].deserialize_response_data(raw_bytes, type_name)
 
     def _json(self, status: int, obj: Any, **headers: str) -> tuple[int, bytes, dict[str, str]]:
-        payload = json.dumps(self._sdk.sanitize_for_serialization(obj)).encode()
+        payload = json.dumps(self._sdk["data_science"].sanitize_for_serialization(obj)).encode()
         return (
             status,
             payload,
@@ -593,7 +767,9 @@ class OciStandIn:
     def _now() -> dt.datetime:
         return dt.datetime.now(dt.UTC)
 
-    def _page(self, items: list[Any], query: dict[str, str], summary: str) -> tuple:
+    def _page(
+        self, items: list[Any], query: dict[str, str], summary: str, module: str = "data_science"
+    ) -> tuple:
         for name, attr in (
             ("projectId", "project_id"),
             ("displayName", "display_name"),
@@ -605,16 +781,15 @@ class OciStandIn:
         start = int(query.get("page") or 0)
         limit = int(query.get("limit") or self.page_size)
         page = items[start : start + limit]
-        models = _models()
+        cls = getattr(_models(module), summary)
         summaries = []
         for item in page:
-            cls = getattr(models, summary)
             kwargs = {k: getattr(item, k) for k in cls().swagger_types if hasattr(item, k)}
             summaries.append(cls(**kwargs))
         headers = {}
         if start + limit < len(items):
             headers["opc-next-page"] = str(start + limit)
-        return self._json(200, summaries, **headers)
+        return summaries, headers
 
     # ---- models
     def _model(self, model_id: str) -> dict[str, Any]:
@@ -710,9 +885,88 @@ class OciStandIn:
                 for e in self.models.values()
                 if e["model"].compartment_id == query["compartmentId"]
             ]
-            return self._page(items, query, "ModelSummary")
+            summaries, headers = self._page(items, query, "ModelSummary")
+            return self._json(200, summaries, **headers)
 
-    # ---- deployments
+    # ---- Container Registry
+    def _new_repository(self, compartment_id: str, display_name: str, created_by: str) -> Any:
+        if any(r.display_name == display_name for r in self.repositories.values()):
+            raise ApiError(
+                409,
+                "Conflict",
+                f"A repository named {display_name} already exists in namespace {self.namespace}.",
+            )
+        repository = _models("artifacts").ContainerRepository(
+            id=self._ocid("containerrepo"),
+            compartment_id=compartment_id,
+            created_by=created_by,
+            display_name=display_name,
+            image_count=0,
+            is_immutable=False,
+            is_public=False,
+            layer_count=0,
+            layers_size_in_bytes=0,
+            lifecycle_state="AVAILABLE",
+            time_created=self._now(),
+            billable_size_in_gbs=0,
+            namespace=self.namespace,
+            freeform_tags={},
+            defined_tags={},
+            system_tags={},
+        )
+        self.repositories[repository.id] = repository
+        return repository
+
+    def _op_create_container_repository(self, *, h: Any, body: Any, **_: Any) -> tuple:
+        details = self._parse(body, "CreateContainerRepositoryDetails", "artifacts")
+        _require_ocid(details.compartment_id, ("compartment", "tenancy"), "compartmentId")
+        if not re.fullmatch(r"[a-z0-9]+(?:[._/-][a-z0-9]+)*", details.display_name):
+            raise ApiError(
+                400, "InvalidParameter", f"displayName {details.display_name!r} is invalid."
+            )
+        with self.lock:
+            user = h.headers["Authorization"].split('keyId="')[1].split("/")[1]
+            repository = self._new_repository(details.compartment_id, details.display_name, user)
+            if details.is_public:
+                repository.is_public = True
+            return self._json(200, repository)
+
+    def _op_list_container_repositories(self, *, query: dict[str, str], **_: Any) -> tuple:
+        if "compartmentId" not in query:
+            raise ApiError(400, "MissingParameter", "compartmentId is required.")
+        with self.lock:
+            items = [
+                r
+                for r in self.repositories.values()
+                if r.compartment_id == query["compartmentId"] and r.lifecycle_state != "DELETED"
+            ]
+            summaries, headers = self._page(items, query, "ContainerRepositorySummary", "artifacts")
+            collection = _models("artifacts").ContainerRepositoryCollection(
+                items=summaries,
+                repository_count=len(summaries),
+                image_count=0,
+                layer_count=0,
+                layers_size_in_bytes=0,
+                remaining_items_count=0,
+            )
+            return self._json(200, collection, **headers)
+
+    def _repository(self, repository_id: str) -> Any:
+        repository = self.repositories.get(repository_id)
+        if repository is None or repository.lifecycle_state == "DELETED":
+            raise ApiError(404, "NotAuthorizedOrNotFound", f"Repository {repository_id} not found.")
+        return repository
+
+    def _op_get_container_repository(self, *, id: str, **_: Any) -> tuple:
+        with self.lock:
+            return self._json(200, self._repository(id))
+
+    def _op_delete_container_repository(self, *, id: str, **_: Any) -> tuple:
+        with self.lock:
+            self._repository(id).lifecycle_state = "DELETED"
+        return 204, b"", {}
+
+    # ---- deployments: what OCI refuses up front (400)
     def _deployment(self, deployment_id: str) -> Any:
         deployment = self.deployments.get(deployment_id)
         if deployment is None:
@@ -721,82 +975,114 @@ class OciStandIn:
             )
         return deployment
 
-    def _check_deployment(self, details: Any) -> str | None:
-        """Raise 400 for what OCI refuses up front; return lifecycle_details if it will fail."""
+    @staticmethod
+    def _invalid(message: str) -> ApiError:
+        return ApiError(400, "InvalidParameter", message)
+
+    def _check_shape(self, shape: str, config: Any) -> None:
+        if shape not in KNOWN_SHAPES:
+            raise self._invalid(f"{shape} is not a Model Deployment shape.")
+        if not shape.endswith(".Flex"):
+            if config is not None:
+                raise self._invalid(
+                    f"{shape} is not flexible: remove modelDeploymentInstanceShapeConfigDetails."
+                )
+            return
+        if not config or not config.ocpus or not config.memory_in_gbs:
+            raise self._invalid(
+                f"{shape} is a flexible shape: modelDeploymentInstanceShapeConfigDetails "
+                "needs ocpus and memoryInGBs."
+            )
+        ocpus, memory = config.ocpus, config.memory_in_gbs
+        if ocpus < 1:
+            raise self._invalid(f"ocpus {ocpus:g} is below 1.")
+        if memory < 6 * ocpus:  # RULES["flex"]
+            raise self._invalid(
+                f"memoryInGBs {memory:g} is below the minimum of 6 GB per OCPU for "
+                f"{ocpus:g} OCPUs ({6 * ocpus:g} GB)."
+            )
+        if memory > 64 * ocpus:  # RULES["flex"]
+            raise self._invalid(
+                f"memoryInGBs {memory:g} is above the maximum of 64 GB per OCPU for "
+                f"{ocpus:g} OCPUs ({64 * ocpus:g} GB)."
+            )
+
+    def _check_scaling(self, model_config: Any) -> None:
+        bandwidth = model_config.bandwidth_mbps
+        if bandwidth is not None and bandwidth < 10:  # RULES["bandwidth_min"]
+            raise self._invalid("bandwidthMbps must be at least 10.")
+        maximum = model_config.maximum_bandwidth_mbps
+        if maximum is not None and not (bandwidth or 10) < maximum <= 2 * (bandwidth or 10):
+            raise self._invalid(  # RULES["bandwidth"]
+                f"maximumBandwidthMbps {maximum} must be more than bandwidthMbps and at most "
+                "twice it."
+            )
+        policy = model_config.scaling_policy
+        if policy is None:
+            return
+        if policy.policy_type == "FIXED_SIZE" and policy.instance_count < 1:
+            raise self._invalid("instanceCount must be at least 1.")
+        if policy.policy_type != "AUTOSCALING":
+            return
+        if policy.cool_down_in_seconds is not None and policy.cool_down_in_seconds < 300:
+            raise self._invalid(  # RULES["autoscaling"]
+                f"coolDownInSeconds {policy.cool_down_in_seconds} is below the minimum of 300."
+            )
+        for rule in policy.auto_scaling_policies:
+            counts = (
+                rule.minimum_instance_count,
+                rule.initial_instance_count,
+                rule.maximum_instance_count,
+            )
+            if not 1 <= counts[0] <= counts[1] <= counts[2]:
+                raise self._invalid(
+                    "Need 1 <= minimumInstanceCount <= initialInstanceCount <= "
+                    f"maximumInstanceCount, got {counts[0]}, {counts[1]}, {counts[2]}."
+                )
+            for metric in rule.rules:
+                low = getattr(metric.scale_in_configuration, "threshold", None)
+                high = getattr(metric.scale_out_configuration, "threshold", None)
+                if low is not None and high is not None and not 0 < low < high <= 100:
+                    raise self._invalid(
+                        f"Scale-in threshold {low} must be below the scale-out threshold "
+                        f"{high}, both percentages."
+                    )
+
+    def _check_deployment(self, details: Any) -> dict[str, Any]:
+        """Raise 400 for what OCI refuses up front; return the model's catalog entry."""
         _require_ocid(details.compartment_id, ("compartment", "tenancy"), "compartmentId")
         _require_ocid(details.project_id, ("datascienceproject",), "projectId")
         config = details.model_deployment_configuration_details
         if config.deployment_type != "SINGLE_MODEL":
-            raise ApiError(400, "InvalidParameter", "stand-in: only SINGLE_MODEL deployments.")
+            raise self._invalid("stand-in: only SINGLE_MODEL deployments.")
         model_config = config.model_configuration_details
         entry = self._model(model_config.model_id)
         if entry["model"].lifecycle_state != "ACTIVE":
-            raise ApiError(400, "InvalidParameter", f"Model {model_config.model_id} is not ACTIVE.")
+            raise self._invalid(f"Model {model_config.model_id} is not ACTIVE.")
         if entry["artifact"] is None:
-            raise ApiError(
-                400, "InvalidParameter", f"Model {model_config.model_id} has no model artifact."
-            )
+            raise self._invalid(f"Model {model_config.model_id} has no model artifact.")
         instance = model_config.instance_configuration
-        shape = instance.instance_shape_name
-        if shape not in KNOWN_SHAPES:
-            raise ApiError(400, "InvalidParameter", f"{shape} is not a Model Deployment shape.")
-        shape_config = instance.model_deployment_instance_shape_config_details
-        if shape.endswith(".Flex"):
-            if not shape_config or not shape_config.ocpus or not shape_config.memory_in_gbs:
-                raise ApiError(
-                    400,
-                    "InvalidParameter",
-                    f"{shape} is a flexible shape: modelDeploymentInstanceShapeConfigDetails "
-                    "needs ocpus and memoryInGBs.",
-                )
-            if shape_config.memory_in_gbs > 64 * shape_config.ocpus:
-                raise ApiError(400, "InvalidParameter", "At most 64 GB of memory per OCPU.")
-        elif shape_config is not None:
-            raise ApiError(
-                400,
-                "InvalidParameter",
-                f"{shape} is not flexible: remove modelDeploymentInstanceShapeConfigDetails.",
-            )
-        if model_config.bandwidth_mbps is not None and model_config.bandwidth_mbps < 10:
-            raise ApiError(400, "InvalidParameter", "bandwidthMbps must be at least 10.")
-        policy = model_config.scaling_policy
-        if policy is not None and policy.policy_type == "FIXED_SIZE":
-            if policy.instance_count is None or policy.instance_count < 1:
-                raise ApiError(400, "InvalidParameter", "instanceCount must be at least 1.")
-        if policy is not None and policy.policy_type == "AUTOSCALING":
-            for rule in policy.auto_scaling_policies or []:
-                counts = (
-                    rule.minimum_instance_count,
-                    rule.initial_instance_count,
-                    rule.maximum_instance_count,
-                )
-                if not 1 <= counts[0] <= counts[1] <= counts[2]:
-                    raise ApiError(
-                        400,
-                        "InvalidParameter",
-                        "Need 1 <= minimum <= initial <= maximum instances.",
-                    )
+        self._check_shape(
+            instance.instance_shape_name, instance.model_deployment_instance_shape_config_details
+        )
+        self._check_scaling(model_config)
         env = config.environment_configuration_details
         if env.environment_configuration_type != "OCIR_CONTAINER":
-            raise ApiError(400, "InvalidParameter", "stand-in: only OCIR_CONTAINER environments.")
+            raise self._invalid("stand-in: only OCIR_CONTAINER environments.")
         problems = byoc_problems(env)
         if problems:
-            raise ApiError(400, "InvalidParameter", "; ".join(problems))
+            raise self._invalid("; ".join(problems))
         if not re.fullmatch(
-            r"[a-z0-9-]+\.ocir\.io/[a-z0-9_.-]+/[a-z0-9_./-]+(:[\w.-]+)?", env.image
+            r"[a-z0-9-]+\.ocir\.io/[a-z0-9_.-]+/[a-z0-9_./-]+(:[\w.-]+)?", env.image or ""
         ):
-            raise ApiError(
-                400,
-                "InvalidParameter",
+            raise self._invalid(
                 f"image {env.image!r} is not an OCIR image (<region-key>.ocir.io/<namespace>/"
-                "<repository>:<tag>).",
+                "<repository>:<tag>)."
             )
         if env.image_digest is not None and not re.fullmatch(
             r"sha256:[0-9a-f]{64}", env.image_digest
         ):
-            raise ApiError(
-                400, "InvalidParameter", f"imageDigest {env.image_digest!r} is malformed."
-            )
+            raise self._invalid(f"imageDigest {env.image_digest!r} is malformed.")
         logs = details.category_log_details
         for kind in ("access", "predict"):
             log = getattr(logs, kind, None) if logs else None
@@ -805,46 +1091,106 @@ class OciStandIn:
                 _require_ocid(
                     log.log_group_id, ("loggroup",), f"categoryLogDetails.{kind}.logGroupId"
                 )
+        return entry
 
-        # What the container does once it runs (Triton's behaviour, not the API's).
-        if self._fail_next is not None:
-            details_text, self._fail_next = self._fail_next, None
-            return details_text
-        cmd = env.cmd or []
-        if any("tritonserver" in part for part in cmd):
-            repo = next(
-                (c.split("=", 1)[1] for c in cmd if c.startswith("--model-repository=")), ""
+    # ---- deployments: what happens once the container runs (the work request)
+    def _image_problem(self, deployment: Any, image: str) -> str | None:
+        """Why the deployment's resource principal cannot pull ``image``, or None."""
+        host_path = image.split("@")[0]
+        path = host_path.split("/", 1)[1]
+        namespace, _, name = path.partition("/")
+        name = name.rsplit(":", 1)[0]
+        if namespace != self.namespace:
+            return (
+                f"{IMAGE_ACCESS_FAILED} (stand-in: the namespace {namespace!r} is not this "
+                f"tenancy's, {self.namespace!r}.)"
             )
-            port = int(
-                next((c.split("=", 1)[1] for c in cmd if c.startswith("--http-port=")), 8000)
+        repository = next(
+            (
+                r
+                for r in self.repositories.values()
+                if r.display_name == name and r.lifecycle_state != "DELETED"
+            ),
+            None,
+        )
+        if repository is None:
+            return f"{IMAGE_ACCESS_FAILED} (stand-in: no repository {name!r}.)"
+        if repository.compartment_id != deployment.compartment_id:
+            return (
+                f"{IMAGE_ACCESS_FAILED} (stand-in: repository {name!r} is in compartment "
+                f"{repository.compartment_id}; the deployment's policy reads repos in its own "
+                f"compartment, {deployment.compartment_id}.)"
             )
-            if not repo.startswith(DEPLOYED_MODEL_DIR):
-                return BOOTSTRAP_FAILED
-            inside = repo[len(DEPLOYED_MODEL_DIR) :].strip("/") + "/"
-            if not any(
-                n.startswith(inside) and n.endswith("/config.pbtxt")
-                for n in entry["artifact"]["names"]
-            ):
-                return BOOTSTRAP_FAILED
-            if port != env.server_port or (env.health_check_port or port) != port:
-                return BOOTSTRAP_FAILED
-            if ".GPU" not in shape and self._wants_gpu(entry["artifact"]["path"]):
-                return BOOTSTRAP_FAILED  # Triton cannot place KIND_GPU instances on a CPU shape
         return None
 
-    @staticmethod
-    def _wants_gpu(zip_path: Path) -> bool:
-        with zipfile.ZipFile(zip_path) as archive:
-            return any(
-                b"KIND_GPU" in archive.read(name)
-                for name in archive.namelist()
-                if name.endswith("/config.pbtxt")
-            )
+    def _container_command(self, env: Any) -> list[str]:
+        command = [*(env.entrypoint or []), *(env.cmd or self.image_cmd)]
+        while command and command[0].endswith("nvidia_entrypoint.sh"):
+            command = command[1:]  # NVIDIA's entrypoint only execs its arguments
+        return command
+
+    def _bring_up(self, entry: dict[str, Any], zip_path: Path, env: Any) -> None:
+        """The work request's background: pull, start the container, wait for its health;
+        then keep the container until the deployment is deleted.
+
+        The container lives in this thread: the local Triton asks Linux to stop it when the
+        thread that started it ends (PR_SET_PDEATHSIG), as a container ends with its host."""
+        deployment = entry["deployment"]
+        final, details, container = "FAILED", None, None
+        try:
+            command = self._container_command(env)
+            port = _http_port(command)
+            health = env.health_check_port or env.server_port
+            if self._fail_next is not None:
+                details, self._fail_next = self._fail_next, None
+            elif problem := self._image_problem(deployment, env.image):
+                details = problem
+            elif port != env.server_port or health != port:
+                details = (
+                    f"{BOOTSTRAP_FAILED} The health check on port {health} got no answer: "
+                    f"Triton listens on {port} (--http-port), server_port is {env.server_port}."
+                )
+            else:
+                try:
+                    container = self.launcher(zip_path, command)
+                    final = "ACTIVE"
+                except Exception as exc:  # TutorialError: Triton exited or never got ready
+                    details = f"{BOOTSTRAP_FAILED} {triton_error_lines(str(exc))}"
+        except Exception as exc:  # a stand-in bug: make the test see it
+            self.unhandled.append(f"bring-up of {deployment.id}: {type(exc).__name__}: {exc}")
+            details = f"stand-in error: {exc}"
+        keep = False
+        with self.lock:
+            if deployment.lifecycle_state in ("DELETING", "DELETED"):
+                final = None  # deleted meanwhile: nothing to report, stop it now
+            elif container is not None:
+                self.containers[deployment.id] = container
+                keep = True
+            entry["final"], entry["details"] = final, details
+        if keep:
+            entry["stop"].wait()
+            with self.lock:
+                self.containers.pop(deployment.id, None)
+        if container is not None:
+            container.stop()
+
+    def _take_down(self, entry: dict[str, Any], bring_up: dict[str, Any] | None) -> None:
+        if bring_up is not None:
+            bring_up["stop"].set()
+            bring_up["thread"].join()
+        with self.lock:
+            entry["final"], entry["details"] = "DELETED", None
+
+    def _background(self, target: Callable[..., None], *args: Any) -> threading.Thread:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return thread
 
     def _op_create_model_deployment(self, *, h: Any, body: Any, **_: Any) -> tuple:
         details = self._parse(body, "CreateModelDeploymentDetails")
         with self.lock:
-            failure = self._check_deployment(details)
+            entry = self._check_deployment(details)
             deployment_id = self._ocid("datasciencemodeldeployment")
             deployment = _models().ModelDeployment(
                 id=deployment_id,
@@ -862,17 +1208,12 @@ class OciStandIn:
                 defined_tags=details.defined_tags or {},
             )
             self.deployments[deployment_id] = deployment
-            work_request_id = self._start_work_request(
-                "MODEL_DEPLOYMENT_CREATE",
-                deployment,
-                "ACTIVE" if failure is None else "FAILED",
-                failure,
-            )
-            return self._json(200, deployment, **{"opc-work-request-id": work_request_id})
+            work = self._start_work_request("MODEL_DEPLOYMENT_CREATE", deployment)
+        env = details.model_deployment_configuration_details.environment_configuration_details
+        work["thread"] = self._background(self._bring_up, work, entry["artifact"]["path"], env)
+        return self._json(200, deployment, **{"opc-work-request-id": work["work_request"].id})
 
-    def _start_work_request(
-        self, operation: str, deployment: Any, final: str, details: str | None
-    ) -> str:
+    def _start_work_request(self, operation: str, deployment: Any) -> dict[str, Any]:
         work_request = _models().WorkRequest(
             id=self._ocid("datascienceworkrequest"),
             operation_type=operation,
@@ -889,19 +1230,23 @@ class OciStandIn:
             ],
             time_accepted=self._now(),
         )
-        self.work_requests[work_request.id] = {
+        entry = {
             "work_request": work_request,
             "deployment": deployment,
             "polls_left": self.polls_to_finish,
-            "final": final,
-            "details": details,
+            "final": None,
+            "details": None,
+            "thread": None,
+            "stop": threading.Event(),
         }
-        return work_request.id
+        self.work_requests[work_request.id] = entry
+        return entry
 
     def _tick(
         self, *, work_request_id: str | None = None, deployment_id: str | None = None
     ) -> None:
-        """One poll: advance the matching unfinished work requests."""
+        """One poll: advance the matching unfinished work requests. One finishes when its
+        background work is done and it has been polled ``polls_to_finish`` times."""
         for entry in self.work_requests.values():
             work_request = entry["work_request"]
             if work_request.status in ("SUCCEEDED", "FAILED", "CANCELED"):
@@ -909,11 +1254,13 @@ class OciStandIn:
             if work_request.id != work_request_id and entry["deployment"].id != deployment_id:
                 continue
             entry["polls_left"] -= 1
-            done = self.polls_to_finish - max(entry["polls_left"], 0)
-            work_request.percent_complete = 100.0 * done / max(self.polls_to_finish, 1)
+            done = entry["final"] is not None and entry["polls_left"] <= 0
+            polled = self.polls_to_finish - max(entry["polls_left"], 0)
+            fraction = polled / max(self.polls_to_finish, 1)
+            work_request.percent_complete = 100.0 if done else min(90.0, 90.0 * fraction)
             work_request.status = "IN_PROGRESS"
             work_request.time_started = work_request.time_started or self._now()
-            if entry["polls_left"] <= 0:
+            if done:
                 deployment = entry["deployment"]
                 deployment.lifecycle_state = entry["final"]
                 deployment.lifecycle_details = entry["details"]
@@ -943,17 +1290,18 @@ class OciStandIn:
                 raise ApiError(404, "NotAuthorizedOrNotFound", f"Model deployment {id} not found.")
             if deployment.lifecycle_state == "DELETING":
                 raise ApiError(409, "IncorrectState", f"Model deployment {id} is already DELETING.")
+            bring_up = None
             for entry in self.work_requests.values():
-                if entry["deployment"] is deployment and entry["work_request"].status in (
-                    "ACCEPTED",
-                    "IN_PROGRESS",
-                ):
+                if entry["deployment"] is not deployment:
+                    continue
+                if entry["work_request"].operation_type == "MODEL_DEPLOYMENT_CREATE":
+                    bring_up = entry
+                if entry["work_request"].status in ("ACCEPTED", "IN_PROGRESS"):
                     entry["work_request"].status = "CANCELED"
             deployment.lifecycle_state = "DELETING"
-            work_request_id = self._start_work_request(
-                "MODEL_DEPLOYMENT_DELETE", deployment, "DELETED", None
-            )
-        return 202, b"", {"opc-work-request-id": work_request_id}
+            work = self._start_work_request("MODEL_DEPLOYMENT_DELETE", deployment)
+        work["thread"] = self._background(self._take_down, work, bring_up)
+        return 202, b"", {"opc-work-request-id": work["work_request"].id}
 
     def _op_list_model_deployments(self, *, query: dict[str, str], **_: Any) -> tuple:
         if "compartmentId" not in query:
@@ -962,38 +1310,60 @@ class OciStandIn:
             items = [
                 d for d in self.deployments.values() if d.compartment_id == query["compartmentId"]
             ]
-            return self._page(items, query, "ModelDeploymentSummary")
+            summaries, headers = self._page(items, query, "ModelDeploymentSummary")
+            return self._json(200, summaries, **headers)
 
     # ---- predict (CONTAINER_TYPE=TRITON)
     def _op_predict(self, *, h: Any, body: Any, size: int, id: str, **_: Any) -> tuple:
         with self.lock:
-            deployment = self._deployment(id)
-            if deployment.lifecycle_state != "ACTIVE":
+            deployment = self.deployments.get(id)
+            if (
+                deployment is None
+                or deployment.lifecycle_state != "ACTIVE"
+                or not self._predict_allowed
+            ):  # RULES["predict"]: one answer for both, so nothing leaks
                 raise ApiError(
-                    404, "NotAuthorizedOrNotFound", f"Model deployment {id} is not ACTIVE."
+                    404,
+                    "NotAuthorizedOrNotFound",
+                    "Model deployment not found or authorization failed.",
                 )
+            if h.headers.get("Content-Length") is None:
+                raise ApiError(411, "LengthRequired", "Missing content length header.")
             if size > PREDICT_PAYLOAD_LIMIT_BYTES:
-                raise ApiError(413, "PayloadTooLarge", "The payload is larger than 10 MB.")
-            if self._answer_429 > 0:
-                self._answer_429 -= 1
-                raise ApiError(429, "TooManyRequests", "Too many requests: bandwidth exceeded.")
-        names = {h.headers.get("model_name"), h.headers.get("model-name")} - {None}
-        versions = {h.headers.get("model_version"), h.headers.get("model-version")} - {None}
-        if len(names) != 1 or len(versions) > 1:
+                raise ApiError(413, "PayloadTooLarge", "The payload size limit is 10 MB.")
+            if self._errors:
+                status = self._errors.pop(0)
+                code, message = {
+                    429: ("TooManyRequests", "Too Many Requests."),
+                    500: ("InternalServerError", "Internal Server Error."),
+                    503: ("ServiceUnavailable", "Model server unavailable."),
+                }[status]
+                raise ApiError(status, code, message)
+            container = self.containers.get(id) or self._upstream
+        name = h.headers.get("model_name")
+        version = h.headers.get("model_version")
+        if not name:
+            hyphen = h.headers.get("model-name")
             raise ApiError(
                 400,
                 "InvalidParameter",
-                "Send one model name (model_name or model-name header) and at most one version.",
+                "No model_name header: with CONTAINER_TYPE=TRITON the model is chosen by the "
+                "model_name and model_version headers"
+                + (f" (model-name: {hyphen!r} is not a documented spelling)" if hyphen else "")
+                + ".",
             )
-        name = names.pop()
-        version = versions.pop() if versions else None
         if self._predict_delay_s:
             time.sleep(min(self._predict_delay_s, self.predict_time_limit_s))
             if self._predict_delay_s >= self.predict_time_limit_s:
-                raise ApiError(504, "GatewayTimeout", "The model did not answer within 60 s.")
-        if not self.triton_url:
-            raise ApiError(503, "ServiceUnavailable", "stand-in: no Triton to forward to.")
-        target = f"{self.triton_url}/v2/models/{urllib.parse.quote(name)}"
+                raise ApiError(  # RULES["predict"]: the 60 s timeout answers 500
+                    500,
+                    "InternalServerError",
+                    f"Service Timeout: the model did not answer within "
+                    f"{self.predict_time_limit_s:g} s.",
+                )
+        if container is None:
+            raise ApiError(503, "ServiceUnavailable", "Model server unavailable.")
+        target = f"{container.url}/v2/models/{urllib.parse.quote(name)}"
         if version:
             target += f"/versions/{urllib.parse.quote(version)}"
         target += "/infer"
@@ -1008,4 +1378,4 @@ class OciStandIn:
         except urllib.error.HTTPError as err:
             return err.code, err.read(), {"Content-Type": "application/json"}
         except (urllib.error.URLError, TimeoutError) as err:
-            raise ApiError(502, "BadGateway", f"The model server did not answer: {err}") from err
+            raise ApiError(503, "ServiceUnavailable", f"Model server unavailable: {err}") from err

@@ -1,8 +1,10 @@
 """Notebook 06 run with papermill against the loopback OCI stand-in (tests/oci_standin.py).
 
-The real OCI SDK sends real signed requests to the stand-in, which forwards /predict to a real
-local Triton serving the tiny model (fixtures in conftest.py); the generated tokens are checked
-against transformers on the same weights.
+The real OCI SDK sends real signed requests to the stand-in. A deployment there runs what was
+uploaded: the stand-in serves the artifact zip from notebook 03 (tiny model) on the real local
+Triton with the deployment's command, and forwards /predict to it; the generated tokens are
+checked against transformers on the same weights. The stand-in's endpoint reaches the notebook
+through ``TUTORIAL_OCI_ENDPOINT`` (read by the helpers), not through its parameters cell.
 """
 
 from __future__ import annotations
@@ -14,19 +16,24 @@ from pathlib import Path
 import numpy as np
 import papermill
 import pytest
-from oci_standin import BOOTSTRAP_FAILED, OciStandIn, make_test_credentials
+from oci_standin import OciStandIn, make_test_credentials
 
 from tests.conftest import notebook_text as outputs
-from tests.conftest import run_notebook
+from tests.conftest import require_local_triton, run_notebook
+from tutorial.oci_deploy import ENDPOINT_OVERRIDE_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "06_deploy_oci.ipynb"
 COMPARTMENT = "ocid1.compartment.oc1..standincompartment"
 PROJECT = "ocid1.datascienceproject.oc1.iad.standinproject"
-IMAGE = "iad.ocir.io/standinns/oci-datascience-triton-server/gpt2-triton:24.10-1"
+REPOSITORY = "oci-datascience-triton-server/gpt2-triton"
+IMAGE = f"iad.ocir.io/standinns/{REPOSITORY}:24.10-1"
 DIGEST = "sha256:" + "cd" * 32
 PROMPT = "Machine learning is a field of computer science."
 EOS = 50256
+ENSEMBLE_VERSION_MISSING = (
+    "at least one version must be available under the version policy of model 'ensemble_model'"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -38,15 +45,35 @@ def run(out_dir: Path, **parameters: object) -> Path:
     return run_notebook("06_deploy_oci", out_dir, **parameters)
 
 
-def standin_parameters(creds, standin: OciStandIn) -> dict:
+def test_the_test_knob_is_not_a_parameter() -> None:
+    """The loopback endpoint is the tests' business: no parameter of the notebook names it."""
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    parameters = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
+    assert len(parameters) == 1
+    text = "".join(parameters[0]["source"])
+    assert "ENDPOINT" not in text and "ALLOW_RANDOM_WEIGHTS = False" in text
+
+
+@pytest.fixture
+def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    creds = make_test_credentials(tmp_path / "oci")
+    with OciStandIn(creds, polls_to_finish=3) as server:
+        server.add_repository(COMPARTMENT, REPOSITORY)  # what notebook 05 creates
+        monkeypatch.setenv(ENDPOINT_OVERRIDE_ENV, server.url)
+        server.creds = creds
+        yield server
+        assert server.unhandled == []
+
+
+def standin_parameters(standin: OciStandIn, **overrides: object) -> dict:
     return {
-        "OCI_CONFIG_FILE": str(creds.config_file),
-        "OCI_PROFILE": creds.profile,
-        "SERVICE_ENDPOINT": standin.url,
+        "OCI_CONFIG_FILE": str(standin.creds.config_file),
+        "OCI_PROFILE": standin.creds.profile,
         "COMPARTMENT_OCID": COMPARTMENT,
         "PROJECT_OCID": PROJECT,
-        "POLL_SECONDS": 0.05,
+        "POLL_SECONDS": 0.2,
         "PROMPT": PROMPT,
+        **overrides,
     }
 
 
@@ -65,40 +92,99 @@ def test_notebook06_without_credentials_explains_and_stops(
     assert "Nothing was created." in text
 
 
-def write_minimal_inputs(work: Path) -> None:
+def write_minimal_inputs(work: Path, info: dict) -> Path:
     """What notebooks 03 and 05 leave for 06, without running them (no Triton needed)."""
     work.mkdir(parents=True, exist_ok=True)
     artifact = work / "model_artifact.zip"
     with zipfile.ZipFile(artifact, "w") as zf:
         zf.writestr("model_repository/ensemble_model/config.pbtxt", 'name: "ensemble_model"')
+        zf.writestr("model_repository/MODEL_INFO.json", json.dumps(info))
     state = {
-        "repository": {"artifact_zip": str(artifact), "instance_kind": "KIND_CPU"},
+        "repository": {"artifact_zip": str(artifact)},
         "image": {"reference": IMAGE, "digest": DIGEST},
     }
     (work / "state.json").write_text(json.dumps(state))
+    return artifact
 
 
 @pytest.mark.slow
-def test_notebook06_failed_deployment_reports_and_cleans_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("info", "parameters", "reason"),
+    [
+        (
+            {"variant": "fp32", "shapes": "gpu or cpu", "weights": "random-offline"},
+            {},
+            "The artifact holds RANDOM weights (notebook 01's offline stand-in, weights: "
+            "random-offline): a deployment bills per hour and would generate gibberish.",
+        ),
+        (
+            {"variant": "int8", "shapes": "cpu", "weights": "real"},
+            {"USE_GPU": True},
+            "The artifact is the int8 variant (shapes: cpu), but VM.GPU.A10.1 is a GPU shape: "
+            "dynamic int8 runs on the CPU, so the GPU would bill and idle.",
+        ),
+    ],
+)
+def test_notebook06_refuses_before_creating_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standin, info, parameters, reason
 ) -> None:
     work = tmp_path / "work"
     monkeypatch.setenv("TUTORIAL_WORKDIR", str(work))
-    write_minimal_inputs(work)
-    creds = make_test_credentials(tmp_path / "oci")
-    with OciStandIn(creds, polls_to_finish=2) as standin:
-        standin.fail_next_deployment(BOOTSTRAP_FAILED)
-        with pytest.raises(papermill.PapermillExecutionError) as err:
-            run(tmp_path, **standin_parameters(creds, standin))
-        assert "The deployment did not become ACTIVE: see section 5's message." in str(err.value)
-        text = outputs(tmp_path / "06_deploy_oci.ipynb")
-        assert f"is FAILED: {BOOTSTRAP_FAILED} No logs are attached to this deployment" in text
-        operations = standin.operations()
-        assert "predict" not in operations
-        assert operations.count("delete_model_deployment") == 1
-        assert operations.count("delete_model") == 1
-        assert standin.live() == []
-        assert standin.unhandled == []
+    write_minimal_inputs(work, info)
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        run(tmp_path, **standin_parameters(standin, **parameters))
+    assert f"Nothing was created. {reason}" in str(err.value)
+    assert f"REFUSED: {reason}" in outputs(tmp_path / "06_deploy_oci.ipynb")
+    assert standin.operations() == []  # not a single call reached OCI
+
+
+@pytest.fixture
+def tiny_state(tiny_workdir: Path):
+    """tiny_workdir's state, with the image notebook 05 would have recorded; restored after."""
+    state_file = tiny_workdir / "state.json"
+    saved = state_file.read_text()
+    state = json.loads(saved)
+    state["image"] = {"reference": IMAGE, "digest": DIGEST}
+    state_file.write_text(json.dumps(state))
+    try:
+        yield state
+    finally:
+        state_file.write_text(saved)
+
+
+def without_entry(zip_path: Path, dest: Path, entry: str) -> Path:
+    """A copy of the artifact zip without one entry (written with zipfile, nothing else)."""
+    with zipfile.ZipFile(zip_path) as src, zipfile.ZipFile(dest, "w") as out:
+        names = src.namelist()
+        assert entry in names
+        for info in src.infolist():
+            if info.filename != entry:
+                out.writestr(info, src.read(info.filename))
+    return dest
+
+
+@pytest.mark.slow
+def test_notebook06_broken_zip_fails_with_tritons_message(
+    tiny_workdir: Path, tiny_state, standin: OciStandIn, tmp_path: Path
+) -> None:
+    require_local_triton()
+    zip_path = Path(tiny_state["repository"]["artifact_zip"])
+    broken = without_entry(zip_path, tmp_path / "broken.zip", "model_repository/ensemble_model/1/")
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        run(
+            tmp_path,
+            **standin_parameters(standin, ARTIFACT_ZIP=str(broken), ALLOW_RANDOM_WEIGHTS=True),
+        )
+    assert "The deployment did not become ACTIVE: see section 5's message." in str(err.value)
+    text = outputs(tmp_path / "06_deploy_oci.ipynb")
+    assert "is FAILED: Errors occurred while bootstrapping the Model Deployment." in text
+    assert ENSEMBLE_VERSION_MISSING in text  # Triton's own refusal, shown by the wait step
+    operations = standin.operations()
+    assert "predict" not in operations
+    assert operations.count("delete_model_deployment") == 1
+    assert operations.count("delete_model") == 1
+    assert standin.live() == []
+    assert standin.containers == {}
 
 
 def reference_loop(model, tokenizer, prompt: str, new_tokens: int) -> str:
@@ -123,32 +209,28 @@ def reference_ids(model, tokenizer, prompt: str, new_tokens: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_notebook06_end_to_end(tiny_workdir, triton_server, tiny_reference, tmp_path: Path) -> None:
-    state_file = tiny_workdir / "state.json"
-    saved = state_file.read_text()
-    state = json.loads(saved)
-    state["image"] = {"reference": IMAGE, "digest": DIGEST}  # what notebook 05 would record
-    state_file.write_text(json.dumps(state))
-    creds = make_test_credentials(tmp_path / "oci")
-    try:
-        with OciStandIn(creds, triton_url=triton_server.url, polls_to_finish=3) as standin:
-            out = run(tmp_path, **standin_parameters(creds, standin), MAX_NEW_TOKENS=50)
-            operations = standin.operations()
-            uploaded = [m["artifact"] for m in standin.models.values()]
-            assert standin.unhandled == []
-            assert standin.live() == []
-            forwarded = [f["url"].split("/v2/", 1)[1] for f in standin.forwarded]
-            statuses = {r["status"] for r in standin.requests}
-        record = json.loads(state_file.read_text())["deployment"]
-    finally:
-        state_file.write_text(saved)
-
-    assert statuses <= {200, 202, 204}
+def test_notebook06_end_to_end(
+    tiny_workdir: Path, tiny_state, tiny_reference, standin: OciStandIn, tmp_path: Path
+) -> None:
+    """Notebook 03's zip, uploaded through the SDK, served by the real Triton the stand-in
+    started from it, answers token for token like transformers through the signed /predict."""
+    require_local_triton()
+    out = run(tmp_path, **standin_parameters(standin, MAX_NEW_TOKENS=50, ALLOW_RANDOM_WEIGHTS=True))
+    record = json.loads((tiny_workdir / "state.json").read_text())["deployment"]
+    operations = standin.operations()
+    uploaded = [m["artifact"] for m in standin.models.values()]
+    forwarded = [f["url"].split("/v2/", 1)[1] for f in standin.forwarded]
+    assert standin.live() == []
+    assert standin.containers == {}  # the clean-up stopped the server
+    assert {r["status"] for r in standin.requests} <= {200, 202, 204}
     assert operations[:3] == ["create_model", "create_model_artifact", "create_model_deployment"]
-    assert operations.count("predict") == 51
-    assert forwarded == ["models/ensemble_model/versions/1/infer"] * 50 + [
-        "models/generate/versions/1/infer"
-    ]
+    # one call by hand, the 50-call loop, one generate call, the /dev/shm probe
+    assert operations.count("predict") == 53
+    assert (
+        forwarded
+        == ["models/ensemble_model/versions/1/infer"] * 51
+        + ["models/generate/versions/1/infer"] * 2
+    )
     for name in (
         "delete_model_deployment",
         "delete_model",
@@ -156,7 +238,7 @@ def test_notebook06_end_to_end(tiny_workdir, triton_server, tiny_reference, tmp_
         "list_model_deployments",
     ):
         assert name in operations
-    artifact_zip = Path(state["repository"]["artifact_zip"])
+    artifact_zip = Path(tiny_state["repository"]["artifact_zip"])
     assert [a["size"] for a in uploaded] == [artifact_zip.stat().st_size]
 
     model, tokenizer = tiny_reference
@@ -167,4 +249,11 @@ def test_notebook06_end_to_end(tiny_workdir, triton_server, tiny_reference, tmp_
     assert len(server_ids) == 50 or server_ids[-1] == EOS
     assert record["generate_text"] == tokenizer.decode(server_ids)
     assert record["deleted"] is True
-    assert "ERROR" not in outputs(out)
+    assert record["shm_finding"] == "a full 1024-token context fits in this deployment's /dev/shm"
+
+    text = outputs(out)
+    assert "ERROR" not in text
+    assert "REFUSED" not in text and "WARNING" not in text
+    assert "OK to deploy the fp32 artifact on VM.GPU.A10.1." in text
+    assert "200 {'model_name': 'ensemble_model', 'model_version': '1'" in text  # by hand
+    assert "- Generated 50 tokens through the signed /predict: " in text

@@ -1,6 +1,8 @@
 """tutorial/oci_deploy.py against the loopback OCI stand-in: the real SDK, real signatures.
 
-These need no Triton: predict forwarding goes to a tiny recording upstream in this file.
+Most of these need no Triton: every deployment's container is a tiny recording upstream in this
+file. The tests marked slow deploy the real artifact zip (notebook 03's, tiny model) on the real
+local Triton that the stand-in starts, as OCI runs the container.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import pytest
 import requests
 from oci_standin import (
     BOOTSTRAP_FAILED,
+    IMAGE_ACCESS_FAILED,
     OciStandIn,
     StandInCredentials,
     make_test_credentials,
 )
 
+from tests.conftest import require_local_triton
 from tutorial import oci_deploy as od
 from tutorial.common import TutorialError
 
@@ -92,6 +96,7 @@ def standin(creds: StandInCredentials, upstream):
     with OciStandIn(
         creds, triton_url=f"http://127.0.0.1:{upstream.server_address[1]}", polls_to_finish=2
     ) as server:
+        server.add_repository(COMPARTMENT, "gpt2-triton")  # what notebook 05 creates
         yield server
         assert server.unhandled == []
 
@@ -230,11 +235,8 @@ def test_model_upload_deploy_and_cleanup(client, standin: OciStandIn, artifact: 
     assert deployment.model_deployment_url == f"{standin.url}/{deployment.id}"
     env = deployment.model_deployment_configuration_details.environment_configuration_details
     assert env.environment_variables == {"CONTAINER_TYPE": "TRITON"}
-    assert env.cmd == [
-        "tritonserver",
-        "--model-repository=/opt/ds/model/deployed_model/model_repository",
-        "--http-port=8000",
-    ]
+    assert env.cmd == od.triton_command(8000)
+    assert "--model-repository=/opt/ds/model/deployed_model/model_repository" in env.cmd
     assert (env.server_port, env.health_check_port, env.image_digest) == (8000, 8000, DIGEST)
 
     od.delete_deployment(client, deployment.id, poll_s=0.01)
@@ -323,14 +325,6 @@ def test_failed_deployment_points_at_its_logs(client, standin: OciStandIn, artif
     ) in str(err.value)
 
 
-def test_wrong_repository_path_fails_like_triton_would(
-    client, standin: OciStandIn, artifact: Path
-) -> None:
-    model = model_with_artifact(client, artifact)
-    with pytest.raises(od.DeploymentFailed, match=f"is FAILED: {BOOTSTRAP_FAILED}"):
-        deploy(client, model.id, cmd=["tritonserver", "--model-repository=/opt/ds/model/wrong"])
-
-
 def test_wait_gives_up_with_a_clear_message(client, standin: OciStandIn, artifact: Path) -> None:
     model = model_with_artifact(client, artifact)
     standin.polls_to_finish = 10_000
@@ -379,6 +373,10 @@ def test_model_without_artifact_cannot_be_deployed(client, standin: OciStandIn) 
         (8000, {"1ABC": "x"}, "environment variable '1ABC': keys must start with a letter"),
         (8000, {"A-B": "x"}, "environment variable 'A-B': keys must start with a letter"),
         (8000, {"K" * 32: "x"}, f"environment variable '{'K' * 32}': 32 characters; keys must"),
+        (8000, {"K": "x"}, "environment variable 'K': keys must have at least 2 characters"),
+        (8000, {"TEST_": "x"}, "environment variable 'TEST_': keys must not end with _"),
+        (8000, {"TENANCY_OCID": "x"}, "'TENANCY_OCID': the service sets this one itself"),
+        (8000, {"METRICS_PORT": "8446"}, "'METRICS_PORT'=8446: ports must be integers in"),
         (8000, {"BIG": "v" * 2025}, "environment variables take 2048 bytes; the limit is 2048"),
     ],
 )
@@ -393,39 +391,214 @@ def test_byoc_rules_checked_before_sending(port: int, env: dict, expected: str) 
 
 
 def test_byoc_limits_allow_the_edges() -> None:
-    # 31-character key, 2047 bytes in total, highest port: all allowed
-    od.validate_byoc(65535, 65535, {"K" * 31: "v" * (2047 - 31)})
+    # 2- and 31-character keys, 2047 bytes in total, highest port: all allowed
+    od.validate_byoc(65535, 65535, {"AB": "", "K" * 31: "v" * (2047 - 31 - 2)})
+    # cmd + entrypoint: 2047 bytes pass, 2048 do not
+    od.validate_byoc(8000, 8000, {}, ["x" * 2000], ["y" * 47])
+    with pytest.raises(TutorialError, match="cmd and entrypoint take 2048 bytes together"):
+        od.validate_byoc(8000, 8000, {}, ["x" * 2000], ["y" * 48])
+
+
+def test_request_rules_checked_before_sending() -> None:
+    """check_deployment_request lists every break of OCI's rules in one message."""
+    details = od.deployment_request(model_id="m", **request_kwargs())
+    config = details.model_deployment_configuration_details
+    config.environment_configuration_details.server_port = 9000  # Triton listens on 8000
+    model_config = config.model_configuration_details
+    model_config.instance_configuration.instance_shape_name = "VM.Standard.E4.Flex"
+    model_config.instance_configuration.model_deployment_instance_shape_config_details = (
+        oci.data_science.models.ModelDeploymentInstanceShapeConfigDetails(
+            ocpus=4.0, memory_in_gbs=16.0
+        )
+    )
+    model_config.maximum_bandwidth_mbps = 50
+    with pytest.raises(TutorialError) as err:
+        od.check_deployment_request(details)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "The deployment request breaks OCI's rules (README, Troubleshooting):"
+    assert lines[1:] == [
+        "  - the command starts Triton on port 8000 but server_port is 9000: the health "
+        "check would never succeed",
+        "  - VM.Standard.E4.Flex: 16 GB for 4 OCPUs; model deployments need at least 6 GB per "
+        "OCPU (24 GB)",
+        "  - maximum_bandwidth_mbps=50: more than bandwidth_mbps=10 and at most twice it",
+    ]
+
+
+def test_autoscaling_rules_checked_before_sending() -> None:
+    details = od.deployment_request(
+        model_id="m",
+        **request_kwargs(
+            shape="VM.Standard.E4.Flex", ocpus=2, memory_in_gbs=12, autoscaling_max_instances=3
+        ),
+    )
+    policy = details.model_deployment_configuration_details.model_configuration_details
+    policy = policy.scaling_policy
+    assert policy.cool_down_in_seconds == 600
+    policy.cool_down_in_seconds = 120
+    policy.auto_scaling_policies[0].minimum_instance_count = 2  # above initial (1)
+    rule = policy.auto_scaling_policies[0].rules[0]
+    rule.scale_in_configuration.threshold = 80  # above scale-out (70)
+    with pytest.raises(TutorialError) as err:
+        od.check_deployment_request(details)
+    assert str(err.value).splitlines()[1:] == [
+        "  - cool_down_in_seconds=120: at least 300 s",
+        "  - instances minimum=2, initial=1, maximum=3: need 1 <= minimum <= initial <= maximum",
+        "  - thresholds scale-in 80 %, scale-out 70 %: need 0 < scale-in < scale-out <= 100 "
+        "(percent)",
+    ]
+
+
+def _env(details):
+    return details.model_deployment_configuration_details.environment_configuration_details
+
+
+def _model_config(details):
+    return details.model_deployment_configuration_details.model_configuration_details
+
+
+def _flex(ocpus: float, memory: float):
+    def change(details) -> None:
+        instance = _model_config(details).instance_configuration
+        instance.instance_shape_name = "VM.Standard.E4.Flex"
+        instance.model_deployment_instance_shape_config_details = (
+            oci.data_science.models.ModelDeploymentInstanceShapeConfigDetails(
+                ocpus=ocpus, memory_in_gbs=memory
+            )
+        )
+
+    return change
+
+
+def _autoscaling(**changes: object):
+    def change(details) -> None:
+        from oci.data_science import models as m
+
+        rule = m.PredefinedMetricExpressionRule(
+            metric_expression_rule_type="PREDEFINED_EXPRESSION",
+            metric_type="CPU_UTILIZATION",
+            scale_in_configuration=m.PredefinedExpressionThresholdScalingConfiguration(
+                scaling_configuration_type="THRESHOLD", threshold=changes.get("scale_in", 30)
+            ),
+            scale_out_configuration=m.PredefinedExpressionThresholdScalingConfiguration(
+                scaling_configuration_type="THRESHOLD", threshold=70
+            ),
+        )
+        _model_config(details).scaling_policy = m.AutoScalingPolicy(
+            policy_type="AUTOSCALING",
+            cool_down_in_seconds=changes.get("cool_down", 600),
+            auto_scaling_policies=[
+                m.ThresholdBasedAutoScalingPolicyDetails(
+                    auto_scaling_policy_type="THRESHOLD",
+                    minimum_instance_count=changes.get("minimum", 1),
+                    initial_instance_count=changes.get("initial", 1),
+                    maximum_instance_count=changes.get("maximum", 2),
+                    rules=[rule],
+                )
+            ],
+        )
+
+    return change
+
+
+def _set_env(name: str, value: object):
+    def change(details) -> None:
+        setattr(_env(details), name, value)
+
+    return change
+
+
+def _env_vars(**variables: str):
+    return _set_env("environment_variables", {"CONTAINER_TYPE": "TRITON", **variables})
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "code", "message"),
+    ("change", "message"),
     [
         (
-            "server_port",
-            24224,
-            "InvalidParameter",
+            _set_env("server_port", 24224),
             "server_port 24224 is not allowed: use 1024-65535 except 24224, 8446 and 8447",
         ),
         (
-            "environment_variables",
-            {"CONTAINER_TYPE": "TRITON", "bad-key": "1"},
-            "InvalidParameter",
-            "environment variable key 'bad-key' is invalid",
+            _env_vars(**{"bad-key": "1"}),
+            "environment variable key 'bad-key' is invalid: 2 to 31 characters, letters, "
+            "digits and underscores, starting with a letter and not ending with an underscore",
+        ),
+        (_env_vars(X="1"), "environment variable key 'X' is invalid"),
+        (_env_vars(TEST_="1"), "environment variable key 'TEST_' is invalid"),
+        (_env_vars(**{"K" * 32: "1"}), f"environment variable key '{'K' * 32}' is invalid"),
+        (
+            _env_vars(MODEL_DEPLOYMENT_OCID="x"),
+            "environment variable key 'MODEL_DEPLOYMENT_OCID' is reserved: the service sets it",
+        ),
+        (
+            _env_vars(GRPC_PORT="80"),
+            "environment variable GRPC_PORT=80: ports must be 1024-65535 except 24224, 8446 "
+            "and 8447",
+        ),
+        (
+            _env_vars(BIG="v" * 2030),
+            "environmentVariables use 2053 bytes; the limit is 2048",
+        ),
+        (
+            _set_env("entrypoint", ["/bin/sh", "-c", "x" * 2000]),
+            "cmd and entrypoint use ",
+        ),
+        (
+            _flex(4, 16),
+            "memoryInGBs 16 is below the minimum of 6 GB per OCPU for 4 OCPUs (24 GB).",
+        ),
+        (
+            _flex(1, 65),
+            "memoryInGBs 65 is above the maximum of 64 GB per OCPU for 1 OCPUs (64 GB).",
+        ),
+        (
+            _autoscaling(minimum=2, initial=1, maximum=3),
+            "Need 1 <= minimumInstanceCount <= initialInstanceCount <= maximumInstanceCount, "
+            "got 2, 1, 3.",
+        ),
+        (_autoscaling(minimum=0), "Need 1 <= minimumInstanceCount"),
+        (
+            _autoscaling(cool_down=299),
+            "coolDownInSeconds 299 is below the minimum of 300.",
+        ),
+        (
+            _autoscaling(scale_in=75),
+            "Scale-in threshold 75 must be below the scale-out threshold 70, both percentages.",
+        ),
+        (
+            lambda d: setattr(_model_config(d), "maximum_bandwidth_mbps", 21),
+            "maximumBandwidthMbps 21 must be more than bandwidthMbps and at most twice it.",
         ),
     ],
 )
-def test_byoc_rules_checked_by_the_service(
-    client, artifact: Path, field: str, value: object, code: str, message: str
+def test_rules_checked_by_the_service(
+    client, artifact: Path, standin: OciStandIn, change, message: str
 ) -> None:
-    # Bypass the client-side check: the stand-in refuses like the service.
+    """Each documented rule, broken after the client-side check: the stand-in refuses the
+    request as OCI does, 400 InvalidParameter with a message naming the field; nothing is
+    created."""
     model = model_with_artifact(client, artifact)
     details = od.deployment_request(model_id=model.id, **request_kwargs())
-    env = details.model_deployment_configuration_details.environment_configuration_details
-    setattr(env, field, value)
-    with pytest.raises(TutorialError) as err:
-        od.create_deployment(client, details)
-    assert str(err.value).startswith(f"create_model_deployment failed: HTTP 400 {code}: ")
-    assert message in str(err.value)
+    change(details)
+    with pytest.raises(oci.exceptions.ServiceError) as err:
+        client.create_model_deployment(details)
+    assert (err.value.status, err.value.code) == (400, "InvalidParameter")
+    assert message in err.value.message
+    assert standin.deployments == {}
+
+
+def test_edges_of_the_rules_are_accepted_by_the_service(client, artifact: Path) -> None:
+    model = model_with_artifact(client, artifact)
+    for change in (
+        _flex(4, 24),  # exactly 6 GB per OCPU
+        _autoscaling(minimum=1, initial=2, maximum=2, cool_down=300),
+        _env_vars(AB="", **{"K" * 31: "v"}),
+    ):
+        details = od.deployment_request(model_id=model.id, **request_kwargs())
+        change(details)
+        deployment, work_request_id = od.create_deployment(client, details)
+        od.wait_for_deployment(client, deployment.id, work_request_id, poll_s=0.01)
 
 
 def test_flex_shape_rules() -> None:
@@ -568,24 +741,28 @@ def test_predict_forwards_by_header(auth, predict_url: str, upstream) -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    "headers",
-    [
-        {"model_name": "generate", "model_version": "1"},
-        {"model-name": "generate", "model-version": "1"},
-    ],
-)
-def test_either_header_form_selects_the_model(auth, predict_url: str, upstream, headers) -> None:
-    prepared = signed(auth, "POST", predict_url, json=text_payload("Hi"), headers=headers)
-    answer = send(prepared)
+def test_predict_sends_the_documented_headers_only() -> None:
+    # Oracle's Triton sample (od.DOCS["triton_sample"]) sends exactly these two.
+    assert od.predict_headers("generate", 1) == {"model_name": "generate", "model_version": "1"}
+
+
+def test_model_name_header_selects_the_model(auth, predict_url: str, upstream) -> None:
+    headers = {"model_name": "generate", "model_version": "1"}
+    answer = send(signed(auth, "POST", predict_url, json=text_payload("Hi"), headers=headers))
     assert answer.status_code == 200
     assert upstream.calls[-1]["path"] == "/v2/models/generate/versions/1/infer"
 
 
-def test_conflicting_model_headers_are_refused(auth, predict_url: str, upstream) -> None:
-    headers = {"model_name": "generate", "model-name": "ensemble_model"}
+def test_undocumented_hyphen_headers_are_refused(auth, predict_url: str, upstream) -> None:
+    headers = {"model-name": "generate", "model-version": "1"}
     answer = send(signed(auth, "POST", predict_url, json=text_payload("Hi"), headers=headers))
     assert answer.status_code == 400
+    assert answer.json() == {
+        "code": "InvalidParameter",
+        "message": "No model_name header: with CONTAINER_TYPE=TRITON the model is chosen by "
+        "the model_name and model_version headers (model-name: 'generate' is not a documented "
+        "spelling).",
+    }
     assert upstream.calls == []
 
 
@@ -595,17 +772,27 @@ def test_predict_unsigned_is_refused(predict_url: str, upstream) -> None:
     assert upstream.calls == []
 
 
-def test_predict_retries_429(auth, predict_url: str, standin: OciStandIn) -> None:
-    standin.answer_429(2)
+@pytest.mark.parametrize(
+    ("status", "meaning"),
+    [(429, "Too Many Requests"), (500, "Internal Server Error"), (503, "Service Unavailable")],
+)
+def test_predict_retries_what_oci_says_to_retry(
+    auth, predict_url: str, standin: OciStandIn, capsys, status: int, meaning: str
+) -> None:
+    standin.answer_errors(status, 2)
     result = od.predict(
         predict_url, text_payload("Hi"), auth.signer, model_name="ensemble_model", backoff_s=0.01
     )
     assert od.output_by_name(result, "NEXT_TOKEN") == [" x"]
     statuses = [r["status"] for r in standin.requests if r["operation"] == "predict"]
-    assert statuses == [429, 429, 200]
+    assert statuses == [status, status, 200]
+    assert capsys.readouterr().out.splitlines() == [
+        f"HTTP {status} from /predict ({meaning}); retry 1 of 5 in 0.01 s",
+        f"HTTP {status} from /predict ({meaning}); retry 2 of 5 in 0.02 s",
+    ]
 
 
-def test_predict_gives_up_after_bounded_retries(auth, predict_url: str, standin) -> None:
+def test_predict_gives_up_after_bounded_retries(auth, predict_url: str, standin, capsys) -> None:
     standin.answer_429(5)
     with pytest.raises(TutorialError) as err:
         od.predict(
@@ -617,10 +804,46 @@ def test_predict_gives_up_after_bounded_retries(auth, predict_url: str, standin)
             backoff_s=0.01,
         )
     assert str(err.value).startswith(
-        f"HTTP 429 Too Many Requests from {predict_url}, still after 2 retries."
+        f"HTTP 429 from {predict_url}, still after 2 retries. Too Many Requests: the "
+        "deployment's load-balancer bandwidth (BANDWIDTH_MBPS)"
     )
     statuses = [r["status"] for r in standin.requests if r["operation"] == "predict"]
     assert statuses == [429, 429, 429]
+    assert len(capsys.readouterr().out.splitlines()) == 2  # every retry printed
+
+
+def test_backoff_is_bounded(auth, predict_url: str, standin) -> None:
+    standin.answer_errors(503, 3)
+    delays = []
+    od.predict(
+        predict_url,
+        text_payload("Hi"),
+        auth.signer,
+        model_name="ensemble_model",
+        backoff_s=0.01,
+        max_backoff_s=0.02,
+        log=delays.append,
+    )
+    assert [line.rsplit(" in ", 1)[1] for line in delays] == ["0.01 s", "0.02 s", "0.02 s"]
+
+
+def test_404_says_policy_or_endpoint(auth, predict_url: str, standin, upstream) -> None:
+    standin.deny_predict()
+    with pytest.raises(TutorialError) as err:
+        od.predict(predict_url, text_payload("Hi"), auth.signer, model_name="ensemble_model")
+    message = str(err.value)
+    assert message.startswith(f"HTTP 404 NotAuthorizedOrNotFound from {predict_url}: either no ")
+    assert message.endswith(
+        "allow group <your-group> to {DATA_SCIENCE_MODEL_DEPLOYMENT_PREDICT} in compartment "
+        "<compartment>"
+    )
+    standin.deny_predict(False)
+    wrong = predict_url.replace(
+        "datasciencemodeldeployment.oc1.iad.", "datasciencemodeldeployment.oc1.iad.0"
+    )
+    with pytest.raises(TutorialError, match="^HTTP 404 NotAuthorizedOrNotFound from .*wrong"):
+        od.predict(wrong, text_payload("Hi"), auth.signer, model_name="ensemble_model")
+    assert upstream.calls == []
 
 
 def test_payload_over_10mb_is_not_sent(auth, predict_url: str, standin, upstream) -> None:
@@ -655,10 +878,23 @@ def test_slow_predict_times_out_with_the_limit_named(auth, predict_url: str, sta
 
 
 def test_service_cuts_calls_at_its_time_limit(auth, predict_url: str, standin, upstream) -> None:
-    standin.predict_time_limit_s = 0.05  # stands for the service's 60 s
+    standin.predict_time_limit_s = 0.05  # stands for the service's 60 s: it answers 500
     standin.delay_predict(0.05)
-    with pytest.raises(TutorialError, match=r"^HTTP 504 from .*GatewayTimeout"):
-        od.predict(predict_url, text_payload("Hi"), auth.signer, model_name="ensemble_model")
+    with pytest.raises(TutorialError) as err:
+        od.predict(
+            predict_url,
+            text_payload("Hi"),
+            auth.signer,
+            model_name="ensemble_model",
+            max_retries=1,
+            backoff_s=0.01,
+        )
+    assert str(err.value).startswith(
+        f"HTTP 500 from {predict_url}, still after 1 retries. Internal Server Error: the model "
+        "server failed, or the call ran into the service's 60 s limit"
+    )
+    statuses = [r["status"] for r in standin.requests if r["operation"] == "predict"]
+    assert statuses == [500, 500]
     assert upstream.calls == []
 
 
@@ -716,15 +952,135 @@ def test_request_json_is_what_the_sdk_sends(client) -> None:
     assert env["environmentVariables"] == {"CONTAINER_TYPE": "TRITON"}
 
 
-def test_gpu_repository_fails_on_a_cpu_shape(client, standin: OciStandIn, tmp_path: Path) -> None:
-    path = tmp_path / "gpu_artifact.zip"
+# --------------------------------------------------------------------------------------------
+# The image: its repository's compartment, its region
+
+
+@pytest.fixture
+def artifacts(auth: od.OciAuth, standin: OciStandIn):
+    return od.artifacts_client(auth, standin.url, retry_strategy=oci.retry.NoneRetryStrategy())
+
+
+def test_repository_is_created_once_in_the_chosen_compartment(artifacts, standin) -> None:
+    from tutorial import registry
+
+    other = "ocid1.compartment.oc1..othercompartment"
+    first = registry.ensure_container_repository(artifacts, other, "team/gpt2-triton")
+    assert first["created"] is True
+    assert (first["compartment_id"], first["namespace"]) == (other, "standinns")
+    again = registry.ensure_container_repository(artifacts, other, "team/gpt2-triton")
+    assert again == dict(first, created=False)
+    # the name is the tenancy's: the same name in another compartment is refused, and said so
+    with pytest.raises(TutorialError) as err:
+        registry.ensure_container_repository(artifacts, COMPARTMENT, "team/gpt2-triton")
+    assert str(err.value).startswith(
+        "A repository named 'team/gpt2-triton' already exists in your tenancy, but not in "
+        f"compartment {COMPARTMENT} (HTTP 409 Conflict: "
+    )
+    found = artifacts.list_container_repositories(compartment_id=other).data
+    assert [r.display_name for r in found.items] == ["team/gpt2-triton"]
+
+
+@pytest.mark.parametrize(
+    ("image", "detail"),
+    [
+        (
+            "iad.ocir.io/standinns/elsewhere:1",
+            "repository 'elsewhere' is in compartment ocid1.compartment.oc1..othercompartment; "
+            "the deployment's policy reads repos in its own compartment",
+        ),
+        ("iad.ocir.io/standinns/never-pushed:1", "no repository 'never-pushed'"),
+        ("iad.ocir.io/otherns/gpt2-triton:1", "the namespace 'otherns' is not this tenancy's"),
+    ],
+)
+def test_image_out_of_the_policy_fails_the_deployment(
+    client, standin: OciStandIn, artifact: Path, image: str, detail: str
+) -> None:
+    standin.add_repository("ocid1.compartment.oc1..othercompartment", "elsewhere")
+    model = model_with_artifact(client, artifact)
+    with pytest.raises(od.DeploymentFailed) as err:
+        deploy(client, model.id, image=image)
+    assert f"is FAILED: {IMAGE_ACCESS_FAILED} (stand-in: {detail}" in str(err.value)
+    assert standin.containers == {}
+
+
+def test_region_mismatch_is_explained() -> None:
+    assert od.image_region_problem(IMAGE, "us-ashburn-1") is None
+    assert od.image_region_problem("us-ashburn-1.ocir.io/ns/r:1", "us-ashburn-1") is None
+    message = od.image_region_problem("fra.ocir.io/ns/r:1", "us-ashburn-1")
+    assert message.startswith(
+        "The image is in OCIR of region 'fra' (fra.ocir.io), but the deployment is created in "
+        "'us-ashburn-1' (iad)."
+    )
+    assert message.endswith(
+        "Fix: push the image to iad.ocir.io (notebook 05 with REGION='iad') and deploy that "
+        "reference, or deploy in the image's region."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# What is deployed: the artifact's own description
+
+
+def test_refusals_read_from_the_artifact(tmp_path: Path) -> None:
+    path = tmp_path / "a.zip"
+    info = {"variant": "int8", "shapes": "cpu", "weights": "random-offline"}
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(
-            "model_repository/gpt2/config.pbtxt",
-            'name: "gpt2"\ninstance_group [{ kind: KIND_GPU }]\n',
+        zf.writestr("model_repository/MODEL_INFO.json", json.dumps(info))
+    assert od.artifact_model_info(path) == info
+    random, int8 = od.deployment_refusals(info, "VM.GPU.A10.1")
+    assert random.startswith("The artifact holds RANDOM weights")
+    assert "set ALLOW_RANDOM_WEIGHTS = True" in random
+    assert int8.startswith(
+        "The artifact is the int8 variant (shapes: cpu), but VM.GPU.A10.1 is a GPU shape: "
+        "dynamic int8 runs on the CPU"
+    )
+    assert od.deployment_refusals(info, "VM.Standard.E4.Flex", allow_random_weights=True) == []
+    fp32 = {"variant": "fp32", "shapes": "gpu or cpu", "weights": "real"}
+    assert od.deployment_refusals(fp32, "VM.GPU.A10.1") == []
+    assert od.artifact_model_info(artifact_without_info(tmp_path)) == {}
+
+
+def artifact_without_info(tmp_path: Path) -> Path:
+    path = tmp_path / "plain.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("model_repository/gpt2/config.pbtxt", 'name: "gpt2"')
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The real container: notebook 03's zip on the real local Triton
+
+
+@pytest.mark.slow
+def test_real_triton_serves_the_zip_and_stops_with_the_deployment(
+    tiny_workdir: Path, creds: StandInCredentials, auth: od.OciAuth
+) -> None:
+    require_local_triton()
+    with OciStandIn(creds, polls_to_finish=2) as standin:
+        standin.add_repository(COMPARTMENT, "gpt2-triton")
+        client = od.data_science_client(
+            auth, standin.url, retry_strategy=oci.retry.NoneRetryStrategy()
         )
-    model = model_with_artifact(client, path)
-    with pytest.raises(od.DeploymentFailed, match=f"is FAILED: {BOOTSTRAP_FAILED}"):
-        deploy(client, model.id, shape="VM.Standard.E4.Flex", ocpus=2, memory_in_gbs=16)
-    # the same repository on a GPU shape comes up
-    assert deploy(client, model.id).lifecycle_state == "ACTIVE"
+        model = model_with_artifact(client, tiny_workdir / "model_artifact.zip")
+        details = od.deployment_request(
+            model_id=model.id,
+            **request_kwargs(shape="VM.Standard.E4.Flex", ocpus=1, memory_in_gbs=6),
+        )
+        deployment, work_request_id = od.create_deployment(client, details)
+        deployment = od.wait_for_deployment(client, deployment.id, work_request_id, poll_s=0.2)
+        container = standin.containers[deployment.id]
+        assert container.process.poll() is None
+        # the deployed zip, unpacked read-only as OCI does
+        assert (container.artifact_root / "model_repository" / "MODEL_INFO.json").is_file()
+        result = od.predict(
+            f"{deployment.model_deployment_url}/predict",
+            text_payload("Hello world"),
+            auth.signer,
+            model_name="ensemble_model",
+        )
+        assert len(od.output_by_name(result, "NEXT_TOKEN")) == 1
+        od.delete_deployment(client, deployment.id, poll_s=0.2)
+        assert container.process.poll() is not None  # deleting stopped the server
+        assert standin.containers == {}
+        assert standin.unhandled == []

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from tutorial import registry
 from tutorial.common import REPO_ROOT, TutorialError, load_state, update_state
 
 NAMESPACE = "mytenancy"
+COMPARTMENT = "ocid1.compartment.oc1..standincompartment"
 USER = "jane@example.com"
 DOMAIN = registry.FEDERATED_DOMAIN
 # What htpasswd stores and the registry checks: the same string ocir_username() composes.
@@ -182,6 +184,39 @@ def test_find_engine_treats_podmans_docker_shim_as_podman(tmp_path, monkeypatch)
     assert re.fullmatch(r"\d+\.\d+\.\d+", engine.version)
 
 
+def test_image_over_16_gb_is_refused_before_the_push(monkeypatch):
+    """OCI requires a deployment's image within 16 GB (it must be pulled within 20 minutes)."""
+    engine = registry.ContainerEngine("podman", "/usr/bin/podman", "5.0.0")
+    ran = []
+    monkeypatch.setattr(registry, "_run", lambda argv, **kw: ran.append(argv) or (0, ""))
+    monkeypatch.setattr(registry, "image_size_bytes", lambda engine, ref: 16_500_000_000)
+    reference = "iad.ocir.io/mytenancy/gpt2-triton:24.10-1"
+    with pytest.raises(TutorialError) as err:
+        registry.push_image(engine, reference)
+    message = str(err.value)
+    assert message.startswith(
+        f"{reference}: 16.50 GB; OCI model deployments take images up to 16 GB, so it is not "
+        "pushed. A model deployment must pull its image within 20 minutes, and OCI requires the "
+        "image to be within 16 GB (https://docs.oracle.com/en-us/iaas/Content/data-science/"
+        "using/tshoot-model-deploy-byoc.htm)."
+    )
+    assert "compose.py" in message and "-py3-min" in message
+    assert ran == []  # nothing was uploaded
+    # the limit itself passes
+    assert registry.check_image_size(16_000_000_000).endswith("take images up to 16 GB.")
+
+
+def test_engine_flags_come_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(registry.ENGINE_ARGS_ENV["push_args"], "--tls-verify=false --quiet")
+    fake = tmp_path / "podman"
+    fake.write_text("#!/bin/sh\necho 'podman version 5.0.0'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    engine = registry.find_engine("podman")
+    assert engine.push_args == ("--tls-verify=false", "--quiet") and engine.build_args == ()
+    assert registry.find_engine("podman", push_args=[]).push_args == ()  # given wins
+
+
 def test_record_image_writes_what_notebook_06_reads(tmp_path, monkeypatch):
     monkeypatch.setenv("TUTORIAL_WORKDIR", str(tmp_path))
     digest = "sha256:" + "0f" * 32
@@ -283,23 +318,29 @@ def podman_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("podman")
     (root / "tmp").mkdir()
     runroot = Path(tempfile.mkdtemp(prefix="podman-run-", dir="/tmp"))  # podman: <= 50 chars
+    flags = {
+        # rootful Podman inside a container: vfs storage and chroot isolation; the loopback
+        # registry speaks plain HTTP. Test settings, passed as the helpers read them (the
+        # TUTORIAL_ENGINE_*_ARGS variables), never defaults for users.
+        "global_args": (
+            "--root",
+            str(root / "storage"),
+            "--runroot",
+            str(runroot),
+            "--storage-driver=vfs",
+        ),
+        "build_args": ("--isolation=chroot",),
+        "login_args": ("--tls-verify=false",),
+        "push_args": ("--tls-verify=false",),
+    }
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REGISTRY_AUTH_FILE", str(root / "auth.json"))
         mp.setenv("TMPDIR", str(root / "tmp"))
+        for kind, args in flags.items():
+            mp.setenv(registry.ENGINE_ARGS_ENV[kind], shlex.join(args))
         yield {
             "root": root,
-            # rootful Podman inside a container: vfs storage and chroot isolation; the loopback
-            # registry speaks plain HTTP. Parameters here, never defaults for users.
-            "global_args": (
-                "--root",
-                str(root / "storage"),
-                "--runroot",
-                str(runroot),
-                "--storage-driver=vfs",
-            ),
-            "build_args": ("--isolation=chroot",),
-            "login_args": ("--tls-verify=false",),
-            "push_args": ("--tls-verify=false",),
+            **flags,
         }
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(runroot, ignore_errors=True)
@@ -307,8 +348,10 @@ def podman_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(podman_env) -> registry.ContainerEngine:
-    args = {k: v for k, v in podman_env.items() if k.endswith("_args")}
-    return registry.find_engine("podman", **args)
+    found = registry.find_engine("podman")  # the flags come from TUTORIAL_ENGINE_*_ARGS
+    for kind in registry.ENGINE_ARGS_ENV:
+        assert getattr(found, kind) == podman_env[kind]
+    return found
 
 
 @pytest.fixture
@@ -334,6 +377,11 @@ def test_round_trip_digest_matches_what_the_registry_serves(
     start = time.perf_counter()
     registry.build_image(engine, reference, dockerfile=context / "Containerfile", context=context)
     built = time.perf_counter()
+    size = registry.image_size_bytes(engine, reference)
+    assert 0 < size < 10_000  # one small file, FROM scratch
+    assert registry.check_image_size(size, reference) == (
+        f"{reference}: 0.00 GB; OCI model deployments take images up to 16 GB."
+    )
     registry.registry_login(engine, local_registry.host, username)
     digest = registry.push_image(engine, reference)
     pushed = time.perf_counter()
@@ -464,39 +512,51 @@ def run_notebook(output: Path, parameters: dict) -> str:
 
 
 @pytest.mark.slow
-def test_notebook_pushes_and_records_the_served_digest(
+def test_notebook_creates_the_repository_pushes_and_records_the_served_digest(
     local_registry, podman_env, context, tmp_path, monkeypatch
 ):
+    from oci_standin import OciStandIn, make_test_credentials
+
+    from tutorial.oci_deploy import ENDPOINT_OVERRIDE_ENV
+
     monkeypatch.setenv("TUTORIAL_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
     monkeypatch.setenv("OCIR_AUTH_TOKEN", local_registry.password)
-    executed = run_notebook(
-        tmp_path / "05.ipynb",
-        {
-            "REGISTRY_HOST": local_registry.host,
-            "OCIR_NAMESPACE": NAMESPACE,
-            "OCIR_USER": USER,
-            "OCIR_IDENTITY_DOMAIN": DOMAIN,
-            "REPOSITORY": "oci-datascience-triton-server/from-notebook",
-            "TAG": "nb-1",
-            "DOCKERFILE": str(context / "Containerfile"),
-            "BUILD_CONTEXT": str(context),
-            "CONTAINER_ENGINE": "podman",
-            "ENGINE_GLOBAL_ARGS": list(podman_env["global_args"]),
-            "BUILD_ARGS": list(podman_env["build_args"]),
-            "LOGIN_ARGS": list(podman_env["login_args"]),
-            "PUSH_ARGS": list(podman_env["push_args"]),
-            "CLEAN_UP": True,
-        },
-    )
+    monkeypatch.delenv("OCI_RESOURCE_PRINCIPAL_VERSION", raising=False)
+    creds = make_test_credentials(tmp_path / "oci")
+    repository = "oci-datascience-triton-server/from-notebook"
+    with OciStandIn(creds, namespace=NAMESPACE) as standin:
+        monkeypatch.setenv(ENDPOINT_OVERRIDE_ENV, standin.url)  # Container Registry's API
+        executed = run_notebook(
+            tmp_path / "05.ipynb",
+            {
+                "REGISTRY_HOST": local_registry.host,
+                "OCIR_NAMESPACE": NAMESPACE,
+                "OCIR_USER": USER,
+                "OCIR_IDENTITY_DOMAIN": DOMAIN,
+                "OCI_CONFIG_FILE": str(creds.config_file),
+                "COMPARTMENT_OCID": COMPARTMENT,
+                "REPOSITORY": repository,
+                "TAG": "nb-1",
+                "DOCKERFILE": str(context / "Containerfile"),
+                "BUILD_CONTEXT": str(context),
+                "CONTAINER_ENGINE": "podman",
+                "CLEAN_UP": True,
+            },
+        )
+        repositories = list(standin.repositories.values())
+        assert standin.unhandled == []
+    # the repository exists where the deployment's policy will look, before the push
+    assert [(r.display_name, r.compartment_id) for r in repositories] == [(repository, COMPARTMENT)]
+    assert f"Created repository {repository} ({repositories[0].id})" in executed
+    assert f"in compartment {COMPARTMENT}, namespace {NAMESPACE}" in executed
     image = load_state()["image"]
-    served = local_registry.served_digest(
-        f"{NAMESPACE}/oci-datascience-triton-server/from-notebook", "nb-1"
-    )
+    assert image["repository"]["compartment_id"] == COMPARTMENT
+    assert 0 < image["size_bytes"] < 10_000
+    assert "GB; OCI model deployments take images up to 16 GB." in executed
+    served = local_registry.served_digest(f"{NAMESPACE}/{repository}", "nb-1")
     assert image["digest"] == served
-    assert image["reference"] == (
-        f"{local_registry.host}/{NAMESPACE}/oci-datascience-triton-server/from-notebook:nb-1"
-    )
+    assert image["reference"] == f"{local_registry.host}/{NAMESPACE}/{repository}:nb-1"
     assert f"Logged in to {local_registry.host} as {LOGIN}." in executed
     assert local_registry.password not in executed
     # CLEAN_UP logged out: the credential is gone from the engine's store
@@ -504,16 +564,31 @@ def test_notebook_pushes_and_records_the_served_digest(
     assert local_registry.host not in auths
 
 
+def test_engine_flags_are_not_notebook_parameters():
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    (parameters,) = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
+    assert "_ARGS" not in "".join(parameters["source"])
+
+
 @pytest.mark.slow
 def test_notebook_without_engine_explains_and_stops_cleanly(tmp_path, monkeypatch):
     """Like `make run` on a machine with neither Docker nor Podman and no registry settings."""
     monkeypatch.setenv("TUTORIAL_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    for name in ("OCIR_REGION", "OCIR_NAMESPACE", "OCIR_USER", "CONTAINER_ENGINE"):
+    for name in (
+        "OCIR_REGION",
+        "OCIR_NAMESPACE",
+        "OCIR_USER",
+        "CONTAINER_ENGINE",
+        "NB_SESSION_COMPARTMENT_OCID",
+    ):
         monkeypatch.delenv(name, raising=False)
-    executed = run_notebook(tmp_path / "05.ipynb", {})
+    executed = run_notebook(
+        tmp_path / "05.ipynb", {"OCI_CONFIG_FILE": str(tmp_path / "no-oci-config")}
+    )
     assert "No working container engine (docker: not installed" in executed
-    assert "Registry settings missing: REGION, OCIR_NAMESPACE, OCIR_USER" in executed
+    assert "Settings missing: REGION, OCIR_NAMESPACE, OCIR_USER, COMPARTMENT_OCID" in executed
+    assert "No OCI credentials: not in a notebook session" in executed
     assert "Nothing will be built or pushed from here" in executed
     assert "No image recorded: nothing was pushed from here." in executed
     assert "Traceback" not in executed

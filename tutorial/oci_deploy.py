@@ -4,13 +4,19 @@ Notebook 06 calls these. Every function takes the SDK client it works with, so t
 real SDK at a loopback stand-in (``service_endpoint=``) and the same code runs against OCI.
 The OCI SDK is imported inside the functions: importing this module costs nothing.
 
-Limits this module enforces on the client side, so a learner sees a clear message instead of a
-bare HTTP error (OCI Data Science documentation: model deployment limits and BYOC rules):
+Rules this module checks on the client side, so a learner reads a clear message instead of a bare
+HTTP 400 or a FAILED deployment (each constant below names its source in ``DOCS``):
 
-- BYOC: ports 1024-65535 except 24224, 8446 and 8447; environment variables under 2048 bytes in
-  total, keys under 32 characters (letters, digits and ``_``, starting with a letter).
-- ``/predict``: at most 10 MB of payload and 60 s per call (not adjustable); HTTP 429 when the
-  load balancer's bandwidth is exceeded, retried here with a bounded exponential backoff.
+- BYOC ports 1024-65535 except 24224, 8446 and 8447 (``DOCS["byoc"]``); environment variables
+  under 2048 bytes in total, keys of 2 to 31 characters (letters, digits and ``_``, starting
+  with a letter, not ending with ``_``) that are not the service's own (``DOCS["env"]``); ``cmd``
+  and ``entrypoint`` under 2048 bytes together (``DOCS["sdk_env"]``).
+- Flex shapes: 6 to 64 GB of memory per OCPU for model deployments (``DOCS["shapes"]``);
+  autoscaling bounds (``DOCS["sdk_autoscaling"]``, ``DOCS["autoscale"]``).
+- ``/predict`` (``DOCS["predict"]``): at most 10 MB of payload and 60 s per call (not
+  adjustable); HTTP 429, 500 and 503 are to be retried with backoff, done here a bounded number
+  of times, each retry printed; 404 ``NotAuthorizedOrNotFound`` is a missing policy or a wrong
+  endpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import re
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,18 +33,65 @@ from typing import Any
 from tutorial.common import TutorialError
 from tutorial.repository import OCI_REPOSITORY_PATH
 
+#: Where each rule checked here is documented (OCI's public documentation).
+DOCS = {
+    "byoc": "https://docs.oracle.com/en-us/iaas/data-science/using/mod-dep-byoc.htm",
+    "env": "https://docs.oracle.com/en-us/iaas/data-science/using/mod-dep-byoc-variables.htm",
+    "sdk_env": "https://docs.oracle.com/en-us/iaas/tools/python/latest/api/data_science/models/"
+    "oci.data_science.models.OcirModelDeploymentEnvironmentConfigurationDetails.html",
+    "shapes": "https://docs.oracle.com/en-us/iaas/data-science/using/supported-shapes.htm",
+    "sdk_autoscaling": "https://docs.oracle.com/en-us/iaas/tools/python/latest/api/data_science/"
+    "models/oci.data_science.models.AutoScalingPolicy.html",
+    "autoscale": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
+    "autoscale-vms-custom-metrics-steps.htm",
+    "predict": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
+    "model-dep-predict-endpoint.htm",
+    "policies": "https://docs.oracle.com/en-us/iaas/data-science/using/model-dep-policies-auth.htm",
+    "troubleshoot": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
+    "tshoot-model-deploy-byoc.htm",
+    # Oracle's public Triton sample: CONTAINER_TYPE=TRITON, headers model_name / model_version.
+    "triton_sample": "https://github.com/oracle-samples/oci-data-science-ai-samples/blob/main/"
+    "model-deployment/containers/Triton/Deploy%20ONNX%20model%20on%20Triton.md",
+}
+
 #: Env var OCI sets inside notebook sessions (and jobs): a resource principal is available.
 RESOURCE_PRINCIPAL_ENV = "OCI_RESOURCE_PRINCIPAL_VERSION"
+#: Tests only: every OCI client this tutorial makes talks to this endpoint (the loopback
+#: stand-in) instead of the region's. Unset for real use.
+ENDPOINT_OVERRIDE_ENV = "TUTORIAL_OCI_ENDPOINT"
 #: Freeform tag every resource of this tutorial carries, so the cleanup helper can find them.
 TUTORIAL_TAG = {"tutorial": "gpt2-triton"}
 #: The Console refuses artifacts above this size; the SDK takes up to 6 GB.
 CONSOLE_UPLOAD_LIMIT_BYTES = 100 * 1024 * 1024
-PREDICT_PAYLOAD_LIMIT_BYTES = 10 * 1024 * 1024
-PREDICT_TIME_LIMIT_S = 60
-#: BYOC: server and health-check ports must avoid these (the service uses them).
+PREDICT_PAYLOAD_LIMIT_BYTES = 10 * 1024 * 1024  # DOCS["predict"]: 413 PayloadTooLarge beyond
+PREDICT_TIME_LIMIT_S = 60  # DOCS["predict"]: "A 60 second timeout ... can't be changed"
+#: DOCS["predict"]: "Yes, with backoff" for these three.
+RETRY_STATUSES = (429, 500, 503)
+#: The policy line that lets a group call /predict (DOCS["policies"]).
+PREDICT_POLICY = (
+    "allow group <your-group> to {DATA_SCIENCE_MODEL_DEPLOYMENT_PREDICT} in compartment "
+    "<compartment>"
+)
+#: BYOC: server and health-check ports must avoid these (the service uses them; DOCS["byoc"]).
 RESERVED_PORTS = (24224, 8446, 8447)
-ENV_TOTAL_LIMIT_BYTES = 2048
-ENV_KEY_LIMIT_CHARS = 32
+ENV_TOTAL_LIMIT_BYTES = 2048  # DOCS["env"]: keys and values together
+ENV_KEY_LIMIT_CHARS = 32  # DOCS["env"]: "under 32 characters"
+ENV_KEY_MIN_CHARS = 2  # DOCS["env"]: "at least 2 characters"
+#: DOCS["env"], "Service Provided Environment Variables": set by the service, not by you.
+RESERVED_ENV_KEYS = (
+    "MODEL_DEPLOYMENT_OCID",
+    "MODEL_SERVING_PYTHON_VERSION",
+    "TENANCY_OCID",
+    "CONTAINER_CUSTOM_IMAGE",
+)
+#: DOCS["sdk_env"]: "The combined size of CMD and ENTRYPOINT must be less than 2048 bytes".
+CMD_ENTRYPOINT_LIMIT_BYTES = 2048
+#: DOCS["shapes"]: standard flexible shapes for model deployments, memory per OCPU.
+FLEX_MIN_GB_PER_OCPU = 6
+FLEX_MAX_GB_PER_OCPU = 64
+#: DOCS["sdk_autoscaling"]: the Python SDK pinned here (2.189) says "The minimum value is 300
+#: seconds"; older .NET SDK pages (90.x) say 600. deployment_request uses 600, which meets both.
+AUTOSCALING_MIN_COOLDOWN_S = 300
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 FAILED_STATES = ("FAILED", "NEEDS_ATTENTION")
 
@@ -122,6 +176,25 @@ def try_oci_auth(
     return auth, f"Authenticated with the {auth.describe()}."
 
 
+def service_endpoint(explicit: str | None = None) -> str | None:
+    """The endpoint to give an SDK client: ``explicit``, else ``$TUTORIAL_OCI_ENDPOINT`` (tests
+    point it at the loopback stand-in), else ``None`` (the region's endpoint)."""
+    return explicit or os.environ.get(ENDPOINT_OVERRIDE_ENV) or None
+
+
+def _client_kwargs(
+    auth: OciAuth, endpoint: str | None, retry_strategy: Any, timeout: tuple[float, float]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    kwargs: dict[str, Any] = {"signer": auth.signer, "timeout": timeout}
+    endpoint = service_endpoint(endpoint)
+    if endpoint:
+        kwargs["service_endpoint"] = endpoint
+    if retry_strategy is not None:
+        kwargs["retry_strategy"] = retry_strategy
+    config = {k: v for k, v in auth.config.items() if not k.startswith("_")}
+    return config, kwargs
+
+
 def data_science_client(
     auth: OciAuth,
     service_endpoint: str | None = None,
@@ -136,13 +209,22 @@ def data_science_client(
     """
     import oci
 
-    kwargs: dict[str, Any] = {"signer": auth.signer, "timeout": timeout}
-    if service_endpoint:
-        kwargs["service_endpoint"] = service_endpoint
-    if retry_strategy is not None:
-        kwargs["retry_strategy"] = retry_strategy
-    config = {k: v for k, v in auth.config.items() if not k.startswith("_")}
+    config, kwargs = _client_kwargs(auth, service_endpoint, retry_strategy, timeout)
     return oci.data_science.DataScienceClient(config, **kwargs)
+
+
+def artifacts_client(
+    auth: OciAuth,
+    service_endpoint: str | None = None,
+    *,
+    retry_strategy: Any = None,
+    timeout: tuple[float, float] = (10.0, 60.0),
+) -> Any:
+    """An ``ArtifactsClient`` (Container Registry's API: repositories, images) for ``auth``."""
+    import oci
+
+    config, kwargs = _client_kwargs(auth, service_endpoint, retry_strategy, timeout)
+    return oci.artifacts.ArtifactsClient(config, **kwargs)
 
 
 def _service_error(exc: Exception, what: str) -> TutorialError:
@@ -285,6 +367,91 @@ def delete_model(client: Any, model_id: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# What gets deployed: the artifact's own description, the shape, the image's region
+
+#: Where notebook 03 writes the model's description inside the artifact zip.
+MODEL_INFO_ENTRY = "model_repository/MODEL_INFO.json"
+
+
+def artifact_model_info(zip_path: str | Path) -> dict[str, Any]:
+    """``MODEL_INFO.json`` read from the artifact zip itself (what will really be deployed):
+    ``variant`` (fp32 | int8), ``shapes`` ("gpu or cpu" | "cpu"), ``weights`` (real |
+    random-offline). ``{}`` when the zip has none (an artifact from elsewhere)."""
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            if MODEL_INFO_ENTRY not in archive.namelist():
+                return {}
+            return json.loads(archive.read(MODEL_INFO_ENTRY))
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise TutorialError(f"Cannot read {MODEL_INFO_ENTRY} from {zip_path}: {exc}") from exc
+
+
+def is_gpu_shape(shape: str) -> bool:
+    """``VM.GPU.A10.1``, ``BM.GPU4.8``, ...: the shape has NVIDIA GPUs."""
+    return ".GPU" in shape
+
+
+def deployment_refusals(
+    info: dict[str, Any], shape: str, *, allow_random_weights: bool = False
+) -> list[str]:
+    """Why this artifact should not be deployed on ``shape`` (empty list: go ahead).
+
+    - random weights (the offline stand-in) would bill a GPU or CPU shape per hour to serve
+      gibberish, unless ``allow_random_weights`` says the learner means it;
+    - an int8 artifact (``shapes: "cpu"``) on a GPU shape: the dynamic int8 model runs on the
+      CPU, so the GPU would be paid for and idle (fp32 serves on any shape).
+    """
+    refusals = []
+    if info.get("weights") == "random-offline" and not allow_random_weights:
+        refusals.append(
+            "The artifact holds RANDOM weights (notebook 01's offline stand-in, weights: "
+            "random-offline): a deployment bills per hour and would generate gibberish. Run "
+            "notebooks 01-03 with the real GPT-2 (MODEL_SOURCE='hub'), or set "
+            "ALLOW_RANDOM_WEIGHTS = True in the parameters cell if you want to try the "
+            "pipeline anyway."
+        )
+    if info.get("shapes") == "cpu" and is_gpu_shape(shape):
+        refusals.append(
+            f"The artifact is the {info.get('variant', 'int8')} variant (shapes: cpu), but "
+            f"{shape} is a GPU shape: dynamic int8 runs on the CPU, so the GPU would bill and "
+            "idle. Deploy it on a CPU shape (USE_GPU = False), or rebuild the artifact with "
+            "MODEL_VARIANT = 'fp32' in notebook 03 (fp32 serves on any shape)."
+        )
+    return refusals
+
+
+def region_key(region: str) -> str:
+    """``us-ashburn-1`` -> ``iad`` (the OCI SDK's region table); a key stays as it is."""
+    from oci.regions import REGIONS_SHORT_NAMES  # key -> region identifier
+
+    value = (region or "").strip().lower()
+    keys = {identifier: key for key, identifier in REGIONS_SHORT_NAMES.items()}
+    return keys.get(value, value)
+
+
+def image_region_problem(image: str, region: str | None) -> str | None:
+    """A warning when the image's OCIR region differs from the deployment's region, else None.
+
+    ``image`` is ``<region-key>.ocir.io/...`` (or ``<region-id>.ocir.io``); ``region`` is the
+    region the Data Science client talks to.
+    """
+    host = (image or "").split("/", 1)[0].lower()
+    if not host.endswith(".ocir.io") or not region:
+        return None
+    image_key = region_key(host[: -len(".ocir.io")])
+    deploy_key = region_key(region)
+    if image_key == deploy_key:
+        return None
+    return (
+        f"The image is in OCIR of region '{image_key}' ({host}), but the deployment is created "
+        f"in '{region}' ({deploy_key}). Every instance pulls the image from that other region, "
+        "within the 20-minute pull limit, and the deployment's policy must reach it there. "
+        f"Fix: push the image to {deploy_key}.ocir.io (notebook 05 with REGION='{deploy_key}') "
+        f"and deploy that reference, or deploy in the image's region."
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # The deployment request
 
 
@@ -305,48 +472,192 @@ def triton_command(port: int = 8000, repository: str = OCI_REPOSITORY_PATH) -> l
     ]
 
 
-def validate_byoc(
-    server_port: Any, health_check_port: Any, environment_variables: dict[str, Any]
-) -> None:
-    """Check OCI's bring-your-own-container rules before sending the request."""
+def _port_problem(name: str, port: Any) -> str | None:
+    if (
+        not isinstance(port, int)
+        or isinstance(port, bool)
+        or not 1024 <= port <= 65535
+        or port in RESERVED_PORTS
+    ):
+        return f"{name}={port!r}: ports must be integers in 1024-65535, except 24224, 8446 and 8447"
+    return None
+
+
+def environment_problems(environment_variables: dict[str, Any]) -> list[str]:
+    """OCI's rules for a deployment's environment variables (``DOCS["env"]``), as messages."""
     problems = []
-    for name, port in (("server_port", server_port), ("health_check_port", health_check_port)):
-        if (
-            not isinstance(port, int)
-            or isinstance(port, bool)
-            or not 1024 <= port <= 65535
-            or port in RESERVED_PORTS
-        ):
-            problems.append(
-                f"{name}={port!r}: ports must be integers in 1024-65535, except 24224, 8446 "
-                "and 8447"
-            )
     total = 0
     for key, value in environment_variables.items():
-        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", key):
-            problems.append(
-                f"environment variable {key!r}: keys must start with a letter and hold only "
-                "letters, digits and _"
-            )
+        where = f"environment variable {key!r}"
+        if not isinstance(key, str) or not key:
+            problems.append(f"{where}: a key cannot be empty")
+        elif len(key) < ENV_KEY_MIN_CHARS:
+            problems.append(f"{where}: keys must have at least {ENV_KEY_MIN_CHARS} characters")
         elif len(key) >= ENV_KEY_LIMIT_CHARS:
             problems.append(
-                f"environment variable {key!r}: {len(key)} characters; keys must be shorter "
-                f"than {ENV_KEY_LIMIT_CHARS}"
+                f"{where}: {len(key)} characters; keys must be shorter than {ENV_KEY_LIMIT_CHARS}"
             )
+        elif not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", key):
+            problems.append(
+                f"{where}: keys must start with a letter and hold only letters, digits and _"
+            )
+        elif key.endswith("_"):
+            problems.append(f"{where}: keys must not end with _")
+        elif key in RESERVED_ENV_KEYS:
+            problems.append(f"{where}: the service sets this one itself (it cannot be overridden)")
         if not isinstance(value, str):
-            problems.append(f"environment variable {key!r}: the value must be a string")
+            problems.append(f"{where}: the value must be a string")
             value = str(value)
+        elif key.upper().endswith("PORT") and value.isdigit():
+            problem = _port_problem(where, int(value))
+            if problem:
+                problems.append(problem)
         total += len(str(key).encode()) + len(value.encode())
     if total >= ENV_TOTAL_LIMIT_BYTES:
         problems.append(
             f"environment variables take {total} bytes; the limit is {ENV_TOTAL_LIMIT_BYTES} "
             "bytes in total (keys and values)"
         )
+    return problems
+
+
+def validate_byoc(
+    server_port: Any,
+    health_check_port: Any,
+    environment_variables: dict[str, Any],
+    cmd: list[str] | None = None,
+    entrypoint: list[str] | None = None,
+) -> None:
+    """Check OCI's bring-your-own-container rules before sending the request."""
+    problems = [
+        p
+        for p in (
+            _port_problem("server_port", server_port),
+            _port_problem("health_check_port", health_check_port),
+        )
+        if p
+    ]
+    problems += environment_problems(environment_variables)
+    size = sum(len(str(a).encode()) for a in [*(cmd or []), *(entrypoint or [])])
+    if size >= CMD_ENTRYPOINT_LIMIT_BYTES:
+        problems.append(
+            f"cmd and entrypoint take {size} bytes together; the limit is "
+            f"{CMD_ENTRYPOINT_LIMIT_BYTES} bytes"
+        )
     if problems:
         raise TutorialError(
             "The deployment breaks OCI's bring-your-own-container rules:\n  - "
             + "\n  - ".join(problems)
         )
+
+
+def _flex_problems(shape: str, shape_config: Any) -> list[str]:
+    if not shape.endswith(".Flex"):
+        if shape_config is not None:
+            return [f"{shape} has a fixed size: OCPUs and memory apply to Flex shapes only."]
+        return []
+    ocpus = getattr(shape_config, "ocpus", None)
+    memory = getattr(shape_config, "memory_in_gbs", None)
+    if not ocpus or not memory:
+        return [f"{shape} is a Flex shape: give it OCPUs and memory (ocpus=, memory_in_gbs=)."]
+    problems = []
+    if ocpus < 1:
+        problems.append(f"{shape}: ocpus={ocpus:g}; at least 1 OCPU")
+    if memory < FLEX_MIN_GB_PER_OCPU * ocpus:
+        problems.append(
+            f"{shape}: {memory:g} GB for {ocpus:g} OCPUs; model deployments need at least "
+            f"{FLEX_MIN_GB_PER_OCPU} GB per OCPU ({FLEX_MIN_GB_PER_OCPU * ocpus:g} GB)"
+        )
+    if memory > FLEX_MAX_GB_PER_OCPU * ocpus:
+        problems.append(
+            f"{shape}: {memory:g} GB for {ocpus:g} OCPUs; at most {FLEX_MAX_GB_PER_OCPU} GB per "
+            f"OCPU ({FLEX_MAX_GB_PER_OCPU * ocpus:g} GB)"
+        )
+    return problems
+
+
+def _scaling_problems(policy: Any, bandwidth: Any, max_bandwidth: Any) -> list[str]:
+    problems = []
+    kind = getattr(policy, "policy_type", None)
+    if kind == "FIXED_SIZE" and (policy.instance_count or 0) < 1:
+        problems.append(f"instance_count={policy.instance_count}: a deployment needs 1 or more.")
+    if kind == "AUTOSCALING":
+        cool_down = policy.cool_down_in_seconds
+        if cool_down is not None and cool_down < AUTOSCALING_MIN_COOLDOWN_S:
+            problems.append(
+                f"cool_down_in_seconds={cool_down}: at least {AUTOSCALING_MIN_COOLDOWN_S} s"
+            )
+        for rule in policy.auto_scaling_policies or []:
+            low, start, high = (
+                rule.minimum_instance_count,
+                rule.initial_instance_count,
+                rule.maximum_instance_count,
+            )
+            if None in (low, start, high) or not 1 <= low <= start <= high:
+                problems.append(
+                    f"instances minimum={low}, initial={start}, maximum={high}: need "
+                    "1 <= minimum <= initial <= maximum"
+                )
+            for metric in getattr(rule, "rules", None) or []:
+                scale_in = getattr(metric, "scale_in_configuration", None)
+                scale_out = getattr(metric, "scale_out_configuration", None)
+                limits = [getattr(c, "threshold", None) for c in (scale_in, scale_out)]
+                if None in limits:
+                    continue
+                if not (0 < limits[0] < limits[1] <= 100):
+                    problems.append(
+                        f"thresholds scale-in {limits[0]} %, scale-out {limits[1]} %: need "
+                        "0 < scale-in < scale-out <= 100 (percent)"
+                    )
+    if max_bandwidth is not None and not bandwidth < max_bandwidth <= 2 * bandwidth:
+        problems.append(
+            f"maximum_bandwidth_mbps={max_bandwidth}: more than bandwidth_mbps={bandwidth} and "
+            "at most twice it"
+        )
+    return problems
+
+
+def check_deployment_request(details: Any) -> Any:
+    """Check a ``CreateModelDeploymentDetails`` against the rules OCI applies (module docstring)
+    and return it; raise :class:`TutorialError` listing every break, before anything is sent."""
+    config = details.model_deployment_configuration_details
+    env = config.environment_configuration_details
+    model = config.model_configuration_details
+    problems: list[str] = []
+    try:
+        validate_byoc(
+            env.server_port,
+            env.health_check_port,
+            env.environment_variables or {},
+            env.cmd,
+            env.entrypoint,
+        )
+    except TutorialError as exc:
+        problems += [line[4:] for line in str(exc).splitlines()[1:]]
+    http_ports = [a.split("=", 1)[1] for a in env.cmd or [] if a.startswith("--http-port=")]
+    if http_ports and http_ports[-1] != str(env.server_port):
+        problems.append(
+            f"the command starts Triton on port {http_ports[-1]} but server_port is "
+            f"{env.server_port}: the health check would never succeed"
+        )
+    if not env.image or not env.image_digest:
+        problems.append(
+            "no image: run notebooks/05_build_push_image.ipynb (it records the image reference "
+            "and digest) or set IMAGE and IMAGE_DIGEST"
+        )
+    instance = model.instance_configuration
+    problems += _flex_problems(
+        instance.instance_shape_name, instance.model_deployment_instance_shape_config_details
+    )
+    problems += _scaling_problems(
+        model.scaling_policy, model.bandwidth_mbps, model.maximum_bandwidth_mbps
+    )
+    if problems:
+        raise TutorialError(
+            "The deployment request breaks OCI's rules (README, Troubleshooting):\n  - "
+            + "\n  - ".join(problems)
+        )
+    return details
 
 
 def deployment_request(
@@ -377,12 +688,14 @@ def deployment_request(
     Flex shapes (``*.Flex``, CPU) take ``ocpus`` and ``memory_in_gbs``; other shapes must not.
     ``autoscaling_max_instances > instance_count`` adds a CPU-utilization autoscaling policy,
     otherwise the pool has a fixed size. Access and predict logs are attached when their ids
-    are given (they are the only place Triton's own output shows up). Checks the BYOC rules.
+    are given (they are the only place Triton's own output shows up). Checks OCI's rules
+    (:func:`check_deployment_request`).
     """
     from oci.data_science import models as m
 
     env = {"CONTAINER_TYPE": "TRITON", **(environment_variables or {})}
-    validate_byoc(server_port, server_port, env)
+    cmd = list(cmd or triton_command(server_port))
+    validate_byoc(server_port, server_port, env, cmd)
     if not image or not image_digest:
         raise TutorialError(
             "No image: run notebooks/05_build_push_image.ipynb (it records the image reference "
@@ -455,7 +768,7 @@ def deployment_request(
             else None,
         )
 
-    return m.CreateModelDeploymentDetails(
+    details = m.CreateModelDeploymentDetails(
         display_name=display_name,
         description=description or None,
         compartment_id=compartment_id,
@@ -477,13 +790,14 @@ def deployment_request(
                 environment_configuration_type="OCIR_CONTAINER",
                 image=image,
                 image_digest=image_digest,
-                cmd=list(cmd or triton_command(server_port)),
+                cmd=cmd,
                 server_port=server_port,
                 health_check_port=server_port,
                 environment_variables=env,
             ),
         ),
     )
+    return check_deployment_request(details)
 
 
 def request_json(details: Any) -> str:
@@ -643,6 +957,26 @@ def delete_deployment(
 # Inference
 
 
+def predict_headers(model_name: str, model_version: str = "1") -> dict[str, str]:
+    """The headers that pick the Triton model behind ``/predict`` with ``CONTAINER_TYPE=TRITON``.
+
+    ``model_name`` / ``model_version``, with underscores, as Oracle's public Triton sample sends
+    them (``DOCS["triton_sample"]``); no other spelling is documented, so none is sent.
+    """
+    return {"model_name": model_name, "model_version": str(model_version)}
+
+
+#: What each status that OCI says to retry means (``DOCS["predict"]``).
+_RETRY_MEANING = {
+    429: "Too Many Requests: the deployment's load-balancer bandwidth (BANDWIDTH_MBPS) or the "
+    "tenancy's 150 requests/s is exceeded: send fewer requests or raise the bandwidth",
+    500: "Internal Server Error: the model server failed, or the call ran into the service's "
+    "60 s limit: make each call do less work (fewer tokens per call) and read the predict log",
+    503: "Service Unavailable: the model server is not answering (starting, restarting or "
+    "overloaded): check the deployment's state and its predict log",
+}
+
+
 def predict(
     url: str,
     payload: dict[str, Any],
@@ -655,14 +989,15 @@ def predict(
     backoff_s: float = 1.0,
     max_backoff_s: float = 30.0,
     session: Any = None,
+    log: Any = print,
 ) -> dict[str, Any]:
     """POST a KServe v2 payload to a deployment's signed ``/predict`` and return the JSON answer.
 
-    ``url`` is ``<model_deployment_url>/predict``. The Triton model is chosen by headers
-    (``model_name``/``model_version`` as the public samples send them, and the dash forms
-    oracle-ads sends). Checks the 10 MB payload limit before sending, stops waiting after
-    ``timeout_s`` (the service cuts every call at 60 s), and retries HTTP 429 at most
-    ``max_retries`` times with exponential backoff (honouring ``Retry-After``).
+    ``url`` is ``<model_deployment_url>/predict``; :func:`predict_headers` picks the model.
+    Checks the 10 MB payload limit before sending, stops waiting after ``timeout_s`` (the
+    service cuts every call at 60 s), and retries HTTP 429, 500 and 503 at most ``max_retries``
+    times with exponential backoff (``backoff_s * 2**attempt``, at most ``max_backoff_s``,
+    or ``Retry-After``), printing each retry with ``log``.
     """
     import requests
 
@@ -672,13 +1007,7 @@ def predict(
             f"The payload is {len(body):,} bytes; OCI Model Deployment accepts at most "
             f"{PREDICT_PAYLOAD_LIMIT_BYTES:,} bytes (10 MB) per /predict call: send less per call."
         )
-    headers = {
-        "Content-Type": "application/json",
-        "model_name": model_name,
-        "model_version": str(model_version),
-        "model-name": model_name,
-        "model-version": str(model_version),
-    }
+    headers = {"Content-Type": "application/json", **predict_headers(model_name, model_version)}
     http = session or requests
     for attempt in range(max_retries + 1):
         try:
@@ -691,29 +1020,38 @@ def predict(
             ) from exc
         except requests.ConnectionError as exc:
             raise TutorialError(f"Could not reach {url}: {exc}") from exc
-        if response.status_code != 429 or attempt == max_retries:
+        status = response.status_code
+        if status not in RETRY_STATUSES or attempt == max_retries:
             break
         delay = min(max_backoff_s, backoff_s * 2**attempt)
         retry_after = response.headers.get("Retry-After", "")
         if retry_after.isdigit():
             delay = min(max_backoff_s, float(retry_after))
-        time.sleep(delay)
-    if response.status_code == 429:
-        raise TutorialError(
-            f"HTTP 429 Too Many Requests from {url}, still after {max_retries} retries. The "
-            "deployment's load balancer bandwidth (BANDWIDTH_MBPS) or the tenancy's 150 "
-            "requests/s is exceeded: send fewer requests or raise the bandwidth."
+        log(
+            f"HTTP {status} from /predict ({_RETRY_MEANING[status].split(':')[0]}); retry "
+            f"{attempt + 1} of {max_retries} in {delay:.2f} s"
         )
-    if response.status_code == 401:
+        time.sleep(delay)
+    if status in RETRY_STATUSES:
+        raise TutorialError(
+            f"HTTP {status} from {url}, still after {max_retries} retries. "
+            f"{_RETRY_MEANING[status]}."
+        )
+    if status == 401:
         raise TutorialError(
             f"HTTP 401 from {url}: the request signature was refused. Check the API key and "
-            "config (or, in a notebook session, the policy that lets its dynamic group "
-            "use model deployments)."
+            "config (or, in a notebook session, its resource principal)."
         )
-    if response.status_code != 200:
+    if status == 404:
         raise TutorialError(
-            f"HTTP {response.status_code} from {url} ({model_name} v{model_version}): "
-            f"{response.text[:500]}"
+            f"HTTP 404 NotAuthorizedOrNotFound from {url}: either no policy lets you call this "
+            "deployment's /predict, or the endpoint is wrong (it is the deployment's "
+            "model_deployment_url + '/predict', in the deployment's region, and the deployment "
+            f"must be ACTIVE). The policy to add (README, IAM policies): {PREDICT_POLICY}"
+        )
+    if status != 200:
+        raise TutorialError(
+            f"HTTP {status} from {url} ({model_name} v{model_version}): {response.text[:500]}"
         )
     return response.json()
 

@@ -12,6 +12,7 @@ import collections
 import getpass
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -48,6 +49,21 @@ TRITON_CMD = [
     "--exit-on-error=true",
     "--log-verbose=0",
 ]
+#: OCI's limit for a model deployment's image: "the image size must be within 16 GB", because
+#: the pull must finish within 20 minutes (Troubleshooting BYOC model deployments, below).
+#: Read as 16 * 10**9 bytes, the stricter of GB and GiB.
+OCI_IMAGE_LIMIT_BYTES = 16 * 10**9
+IMAGE_LIMIT_DOC = (
+    "https://docs.oracle.com/en-us/iaas/Content/data-science/using/tshoot-model-deploy-byoc.htm"
+)
+#: Tests and unusual setups only (rootful Podman in a container, a plain-HTTP test registry):
+#: extra engine flags, shell-quoted, read by find_engine() when it is given none.
+ENGINE_ARGS_ENV = {
+    "global_args": "TUTORIAL_ENGINE_GLOBAL_ARGS",
+    "build_args": "TUTORIAL_ENGINE_BUILD_ARGS",
+    "login_args": "TUTORIAL_ENGINE_LOGIN_ARGS",
+    "push_args": "TUTORIAL_ENGINE_PUSH_ARGS",
+}
 #: The environment variable notebook 05 reads the OCIR auth token from (else: getpass).
 AUTH_TOKEN_ENV = "OCIR_AUTH_TOKEN"
 #: The "domain" part of the login of users federated through Oracle Identity Cloud Service.
@@ -321,17 +337,28 @@ def _probe(argv: list[str]) -> tuple[int, str]:
 def find_engine(
     prefer: str | None = None,
     *,
-    global_args: Sequence[str] = (),
-    build_args: Sequence[str] = (),
-    login_args: Sequence[str] = (),
-    push_args: Sequence[str] = (),
+    global_args: Sequence[str] | None = None,
+    build_args: Sequence[str] | None = None,
+    login_args: Sequence[str] | None = None,
+    push_args: Sequence[str] | None = None,
 ) -> ContainerEngine:
     """The first working container engine: ``prefer`` (``docker`` or ``podman``) or, when
     ``None``/``""``, Docker then Podman. "Working" means ``<engine> version`` succeeds: an
-    installed Docker CLI whose daemon is not running does not count.
+    installed Docker CLI whose daemon is not running does not count. Extra flags not given
+    here come from the ``TUTORIAL_ENGINE_*_ARGS`` variables (``ENGINE_ARGS_ENV``), if set.
 
     Raises :class:`TutorialError` saying what was found and where this step can run instead.
     """
+
+    def flags(given: Sequence[str] | None, kind: str) -> tuple[str, ...]:
+        if given is not None:
+            return tuple(given)
+        return tuple(shlex.split(os.environ.get(ENGINE_ARGS_ENV[kind], "")))
+
+    global_args = flags(global_args, "global_args")
+    build_args = flags(build_args, "build_args")
+    login_args = flags(login_args, "login_args")
+    push_args = flags(push_args, "push_args")
     prefer = (prefer or "").strip().lower() or None
     if prefer is not None and prefer not in ENGINES:
         raise TutorialError(
@@ -529,14 +556,52 @@ def _docker_repo_digest(engine: ContainerEngine, reference: str) -> str | None:
     return None
 
 
-def push_image(engine: ContainerEngine, reference: str) -> str:
+def image_size_bytes(engine: ContainerEngine, reference: str) -> int:
+    """The local image's size as the engine reports it (``<engine> image inspect``: the
+    unpacked size, what ``docker images`` shows)."""
+    rc, out = _probe(engine.command("image", "inspect", "--format", "{{.Size}}", reference))
+    size = out.strip().splitlines()[-1] if rc == 0 and out.strip() else ""
+    if not size.isdigit():
+        raise TutorialError(
+            f"Could not read the size of the local image {reference}: {_tail(out, 3)}. Build it "
+            "first (build_image), under exactly this reference."
+        )
+    return int(size)
+
+
+def check_image_size(size: int, reference: str = "the image") -> str:
+    """Return a line stating the size against OCI's limit; raise if the image is over it."""
+    line = (
+        f"{reference}: {size / 1e9:.2f} GB; OCI model deployments take images up to "
+        f"{OCI_IMAGE_LIMIT_BYTES / 1e9:.0f} GB"
+    )
+    if size > OCI_IMAGE_LIMIT_BYTES:
+        raise TutorialError(
+            f"{line}, so it is not pushed. A model deployment must pull its image within 20 "
+            f"minutes, and OCI requires the image to be within 16 GB ({IMAGE_LIMIT_DOC}). Make "
+            "it smaller: compose a Triton image with only the python and onnxruntime backends "
+            "(Triton's compose.py), or build on the -py3-min image (README, The serving "
+            "image's size)."
+        )
+    return line + "."
+
+
+def push_image(
+    engine: ContainerEngine, reference: str, *, max_bytes: int | None = OCI_IMAGE_LIMIT_BYTES
+) -> str:
     """``<engine> push <reference>``, streaming progress; returns the manifest digest
     (``sha256:...``) the registry now serves for it.
 
-    Podman writes the digest with ``--digestfile``; for Docker it is read from the push output,
-    else from ``docker inspect``'s RepoDigests.
+    Refuses an image over ``max_bytes`` (OCI's 16 GB limit for model deployment images) before
+    uploading anything. Podman writes the digest with ``--digestfile``; for Docker it is read
+    from the push output, else from ``docker inspect``'s RepoDigests.
     """
     reference = check_image_reference(reference)
+    if max_bytes is not None:
+        size = image_size_bytes(engine, reference)
+        if size > max_bytes:
+            check_image_size(size, reference)  # raises with OCI's reason when over 16 GB
+            raise TutorialError(f"{reference} is {size:,} bytes, over {max_bytes:,}: not pushed.")
     host = reference.partition("/")[0]
     with tempfile.TemporaryDirectory(prefix="push-") as tmp:
         digest_file = Path(tmp) / "digest"
@@ -595,12 +660,19 @@ def remove_local_image(engine: ContainerEngine, reference: str) -> None:
 
 
 def record_image(
-    reference: str, digest: str, *, registry: str, engine: ContainerEngine | str
+    reference: str,
+    digest: str,
+    *,
+    registry: str,
+    engine: ContainerEngine | str,
+    size_bytes: int | None = None,
+    repository: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the pushed image to the state file's ``image`` section for notebook 06.
 
     Notebook 06 deploys ``reference`` pinned to ``digest``, so the deployment runs exactly the
-    bytes pushed here even if the tag is pushed again later.
+    bytes pushed here even if the tag is pushed again later. ``size_bytes`` and ``repository``
+    (:func:`ensure_container_repository`'s answer: its OCID and compartment) are kept with it.
     """
     reference = check_image_reference(reference)
     if not _DIGEST.fullmatch(digest):
@@ -617,9 +689,70 @@ def record_image(
         registry=registry,
         engine=engine if isinstance(engine, str) else engine.name,
         weights=weights,
+        size_bytes=size_bytes,
+        repository=repository,
         cmd=list(TRITON_CMD),
         server_port=TRITON_PORTS["http"],
         health_check_port=TRITON_PORTS["http"],
         pushed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     return state["image"]
+
+
+# --------------------------------------------------------------------------- the repository
+
+
+def ensure_container_repository(
+    client: Any, compartment_id: str, display_name: str
+) -> dict[str, Any]:
+    """Find, or create, the private OCIR repository ``display_name`` in ``compartment_id``.
+
+    A push to a repository that does not exist yet creates it in the tenancy's root
+    compartment, where a deployment whose policy names your compartment cannot read it; so
+    this runs before the push. ``client`` is an ``oci.artifacts.ArtifactsClient``. Returns
+    ``{"id", "display_name", "compartment_id", "namespace", "created"}``.
+    """
+    import oci
+    from oci.artifacts.models import CreateContainerRepositoryDetails
+
+    try:
+        found = oci.pagination.list_call_get_all_results(
+            client.list_container_repositories,
+            compartment_id=compartment_id,
+            display_name=display_name,
+        ).data
+        created = False
+        if found:
+            repository = found[0]
+        else:
+            repository = client.create_container_repository(
+                CreateContainerRepositoryDetails(
+                    compartment_id=compartment_id, display_name=display_name, is_public=False
+                )
+            ).data
+            created = True
+    except oci.exceptions.ServiceError as exc:
+        if exc.status == 409:
+            raise TutorialError(
+                f"A repository named {display_name!r} already exists in your tenancy, but not "
+                f"in compartment {compartment_id} (HTTP 409 {exc.code}: {exc.message}). Move it "
+                "there (Console > Container Registry > repository > Move resource), or choose "
+                "another REPOSITORY."
+            ) from exc
+        if exc.status in (401, 404):
+            raise TutorialError(
+                f"Container Registry refused to list or create {display_name!r} in compartment "
+                f"{compartment_id} (HTTP {exc.status} {exc.code}: {exc.message}). Your group "
+                "needs: allow group <your-group> to manage repos in compartment <compartment> "
+                "(README, IAM policies)."
+            ) from exc
+        raise TutorialError(
+            f"Container Registry: HTTP {exc.status} {exc.code}: {exc.message}"
+        ) from exc
+    return {
+        "id": repository.id,
+        "display_name": repository.display_name,
+        "compartment_id": repository.compartment_id,
+        "namespace": getattr(repository, "namespace", None),
+        "created": created,
+    }
