@@ -187,7 +187,7 @@ class HttpTarget:
     """Triton's KServe v2 HTTP API, local (``base_url``) or behind OCI's ``/predict``.
 
     For OCI, ``predict_url`` receives every request and the Triton model is chosen by the
-    ``model_name``/``model_version`` headers (and their dash forms); ``auth`` is any
+    ``model_name``/``model_version`` headers (:func:`tutorial.oci_deploy.predict_headers`); ``auth`` is any
     ``requests`` auth object, e.g. an OCI signer. Statistics are read only from a local
     Triton (OCI maps /predict to infer only).
     """
@@ -230,9 +230,9 @@ class HttpTarget:
     def _url(self, model: str) -> tuple[str, dict[str, str]]:
         if self.base_url:
             return f"{self.base_url}/v2/models/{model}/infer", {}
-        headers = {"model_name": model, "model_version": "1"}
-        headers.update({"model-name": model, "model-version": "1"})
-        return str(self.predict_url), headers
+        from tutorial.oci_deploy import predict_headers
+
+        return str(self.predict_url), predict_headers(model)
 
     def infer(
         self, model: str, inputs: list[dict[str, Any]]
