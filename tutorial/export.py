@@ -32,6 +32,15 @@ ONNX_DTYPES = {1: "FLOAT", 6: "INT32", 7: "INT64", 10: "FLOAT16", 11: "DOUBLE", 
 EXPORT_STAGES = ("trace", "convert", "assemble")
 
 
+def _high_water_mark(pid: int) -> int:
+    """A process's peak resident memory so far (VmHWM in /proc/<pid>/status), in bytes."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def run_monitored(
     cmd: list[str],
     log_path: Path,
@@ -47,7 +56,9 @@ def run_monitored(
     prints a progress line (elapsed time, ``what``, the child's RSS and peak so far), and it
     echoes the child's own progress lines (those starting with ``[``, as the export stages
     print them) as they come. Returns ``seconds``, ``peak_rss`` (the process tree, sampled),
-    ``max_rss`` (the largest single process, from the kernel, as GNU time reports it) and the
+    ``max_rss`` (the largest single process's high-water mark, VmHWM, sampled; the kernel's
+    ``ru_maxrss`` of a child started from a large process also counts that parent's pages at
+    the exec, so it is not used) and the
     machine's used memory before, at peak and after (bytes). Raises :class:`TutorialError`
     with the log's tail if the command fails; an interrupt stops the child.
     """
@@ -59,19 +70,20 @@ def run_monitored(
         print(f"$ {' '.join(shown)}\n  (log: {log_path})", flush=True)
     used_before = psutil.virtual_memory().used
     start = last_print = time.monotonic()
-    peak_rss, used_peak, status, rusage = 0, used_before, 0, None
+    peak_rss, max_rss, used_peak, status = 0, 0, used_before, 0
     with open(log_path, "w") as log, open(log_path, errors="replace") as follow:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         pending, reaped = "", False
         try:
             parent = psutil.Process(proc.pid)
             while True:
-                pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+                pid, status, _rusage = os.wait4(proc.pid, os.WNOHANG)
                 done = reaped = pid == proc.pid
                 if not done:
                     try:
                         tree = [parent, *parent.children(recursive=True)]
                         rss = sum(p.memory_info().rss for p in tree)
+                        max_rss = max(max_rss, *(_high_water_mark(p.pid) for p in tree))
                     except psutil.Error:
                         rss = 0  # it exited between two reads
                     peak_rss = max(peak_rss, rss)
@@ -101,7 +113,7 @@ def run_monitored(
     result = {
         "seconds": elapsed,
         "peak_rss": peak_rss,
-        "max_rss": rusage.ru_maxrss * 1024,  # kB on Linux
+        "max_rss": max_rss,
         "used_before": used_before,
         "used_peak": used_peak,
         "used_after": psutil.virtual_memory().used,
