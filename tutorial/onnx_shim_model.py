@@ -40,36 +40,27 @@ def shape_text(dims):
 
 def compare_dims(model, tensor, model_shape, dims, max_batch_size, exact):
     """The onnxruntime backend's CompareDimsSupported; returns its error text or None."""
-    if max_batch_size > 0:
-        if not model_shape or model_shape[0] != -1:
-            return (
-                f"model '{model}', tensor '{tensor}': for the model to support batching the "
-                "shape should have at least 1 dimension and the first dimension must be -1; "
-                f"but shape expected by the model is {shape_text(model_shape)}"
-            )
-        full = [-1, *dims]
-        same = len(model_shape) == len(full) and all(
-            m == d for m, d in zip(model_shape, full) if exact or m != -1
-        )
-        if not same:
-            return (
-                f"model '{model}', tensor '{tensor}': the model expects {len(model_shape)} "
-                f"dimensions (shape {shape_text(model_shape)}) but the model configuration "
-                f"specifies {len(full)} dimensions (an initial batch dimension because "
-                "max_batch_size > 0 followed by the explicit tensor shape, making complete "
-                f"shape {shape_text(full)})"
-            )
-        return None
-    same = len(model_shape) == len(dims) and all(
-        m == d for m, d in zip(model_shape, dims) if exact or m != -1
-    )
-    if not same:
+    if max_batch_size > 0 and (not model_shape or model_shape[0] != -1):
         return (
-            f"model '{model}', tensor '{tensor}': the model expects {len(model_shape)} "
-            f"dimensions (shape {shape_text(model_shape)}) but the model configuration "
-            f"specifies {len(dims)} dimensions (shape {shape_text(dims)})"
+            f"model '{model}', tensor '{tensor}': for the model to support batching the "
+            "shape should have at least 1 dimension and the first dimension must be -1; "
+            f"but shape expected by the model is {shape_text(model_shape)}"
         )
-    return None
+    full = [-1, *dims] if max_batch_size > 0 else list(dims)
+    if len(model_shape) == len(full) and all(
+        m == d for m, d in zip(model_shape, full) if exact or m != -1
+    ):
+        return None
+    configured = (
+        f"{len(full)} dimensions (an initial batch dimension because max_batch_size > 0 "
+        f"followed by the explicit tensor shape, making complete shape {shape_text(full)})"
+        if max_batch_size > 0
+        else f"{len(full)} dimensions (shape {shape_text(full)})"
+    )
+    return (
+        f"model '{model}', tensor '{tensor}': the model expects {len(model_shape)} dimensions "
+        f"(shape {shape_text(model_shape)}) but the model configuration specifies {configured}"
+    )
 
 
 def check_config(config, session):
