@@ -21,6 +21,10 @@ BIN := $(VENV)/bin
 # One stamp per Python version: another PYTHON with the same VENV re-creates it.
 STAMP := $(BIN)/.installed-python$(PY_VERSION)
 REQUIREMENTS := requirements.txt requirements-dev.txt requirements-triton.txt
+# The bundled Triton's python backend stub links libpython3.X.so.1.0 and finds it only on the
+# loader's paths; a Python that keeps it elsewhere (pyenv, conda) needs it on LD_LIBRARY_PATH.
+LIBPYTHON_DIR = $(shell $(BIN)/python -c 'import ctypes.util, sys, sysconfig; v = "%d.%d" % sys.version_info[:2]; print("" if ctypes.util.find_library("python" + v) else sysconfig.get_config_var("LIBDIR") or "")')
+WITH_LIBPYTHON = $(if $(LIBPYTHON_DIR),LD_LIBRARY_PATH=$(LIBPYTHON_DIR)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH})
 BUILD := build/notebooks
 # Notebooks `make run` executes, in order (the cloud steps explain themselves and stop cleanly
 # without credentials).
@@ -65,17 +69,17 @@ run: venv
 	@for nb in $(NOTEBOOKS); do \
 	  echo "=== $$nb"; \
 	  start=$$(date +%s); \
-	  $(BIN)/papermill --cwd notebooks --kernel python3 "$$nb" "$(BUILD)/$$(basename $$nb)" || exit 1; \
+	  $(WITH_LIBPYTHON) $(BIN)/papermill --cwd notebooks --kernel python3 "$$nb" "$(BUILD)/$$(basename $$nb)" || exit 1; \
 	  echo "=== $$nb done in $$(( $$(date +%s) - start )) s"; \
 	done
 	@echo "Executed notebooks are in $(CURDIR)/$(BUILD)/"
 
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(WITH_LIBPYTHON) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The generation benchmark (README, "Performance"): needs notebooks 01-03 run first (make run).
 bench: venv
-	$(BIN)/python benchmarks/bench_generation.py
+	$(WITH_LIBPYTHON) $(BIN)/python benchmarks/bench_generation.py
 
 lint: venv
 	$(BIN)/ruff check .
