@@ -1,24 +1,64 @@
 # Two commands: `make run` executes every notebook that can run here; `make test` runs the suite.
-# Both create .venv with Python 3.11 and install the pinned requirements first.
-PYTHON ?= python3.11
-VENV := .venv
+# Both create $(VENV) and install the pinned requirements first.
+#
+# Python: PYTHON=... if given, else the first of python3.11, python3.12, python3.10 that runs
+# (on the PATH, or installed by pyenv). 3.13 is out: numpy 1.26.4 (tf2onnx 1.17 needs numpy < 2)
+# has no wheel for it.
+SUPPORTED := 3.11 3.12 3.10
+# `name` if it runs, else the newest pyenv-installed `name` (pyenv's shims run only the
+# versions `pyenv global` names); empty if neither.
+runnable = $(shell p='$(1)'; if "$$p" -c '' 2>/dev/null; then echo "$$p"; \
+  else for d in $$(pyenv root 2>/dev/null)/versions/*/bin; do \
+    [ -x "$$d/$$p" ] && "$$d/$$p" -c '' 2>/dev/null && found="$$d/$$p"; done; echo "$$found"; fi)
+ifdef PYTHON
+PYTHON_EXE := $(or $(call runnable,$(PYTHON)),$(PYTHON))
+else
+PYTHON_EXE := $(firstword $(foreach v,$(SUPPORTED),$(call runnable,python$(v))))
+endif
+PY_VERSION := $(if $(PYTHON_EXE),$(shell '$(PYTHON_EXE)' -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null))
+VENV ?= .venv
 BIN := $(VENV)/bin
+# One stamp per Python version: another PYTHON with the same VENV re-creates it.
+STAMP := $(BIN)/.installed-python$(PY_VERSION)
+REQUIREMENTS := requirements.txt requirements-dev.txt requirements-triton.txt
 BUILD := build/notebooks
 # Notebooks `make run` executes, in order (the cloud steps explain themselves and stop cleanly
 # without credentials).
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: run test bench lint format venv clean
+.PHONY: run test bench export-memory lint format venv which-python clean
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
-	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 (see README)"; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+# Which Python, or why none: runs before anything is installed.
+which-python:
+	@if [ -z "$(PY_VERSION)" ]; then \
+	  echo "No usable Python: $(if $(PYTHON),PYTHON=$(PYTHON) does not run,none of python3.11 python3.12 python3.10 runs). This tutorial's pins install on Python 3.10, 3.11 and 3.12 (not 3.13: numpy 1.26.4 has no wheel for it). Install one, or name it: make test PYTHON=/path/to/python3.11"; \
+	  exit 1; fi
+	@case " $(SUPPORTED) " in *" $(PY_VERSION) "*) ;; *) \
+	  echo "$(PYTHON_EXE) is Python $(PY_VERSION); this tutorial's pins install on Python 3.10, 3.11 and 3.12 (not 3.13: numpy 1.26.4 has no wheel for it). Name another: make test PYTHON=python3.11"; \
+	  exit 1;; esac
+	@echo "Python $(PY_VERSION): $(PYTHON_EXE) -> $(VENV)"
+
+# requirements-triton.txt (nvidia-pytriton: a local tritonserver, no Docker needed) has wheels
+# for glibc >= 2.35 only; elsewhere (Oracle Linux 8 in OCI notebook sessions: 2.28) it is skipped.
+$(STAMP): $(REQUIREMENTS) | which-python
+	@if [ -x $(BIN)/python ] && ! [ "$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(PY_VERSION)" ]; then \
+	  echo "$(VENV) holds another Python: re-creating it"; rm -rf $(VENV); fi
+	'$(PYTHON_EXE)' -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+	@glibc=$$($(BIN)/python -c 'import platform; print(platform.libc_ver()[1] or "none")'); \
+	if $(BIN)/python -c 'import platform, sys; lib, v = platform.libc_ver(); sys.exit(not (lib == "glibc" and tuple(map(int, v.split(".")[:2])) >= (2, 35)))'; then \
+	  echo "$(BIN)/pip install --quiet -r requirements-dev.txt -r requirements-triton.txt"; \
+	  $(BIN)/pip install --quiet -r requirements-dev.txt -r requirements-triton.txt; \
+	else \
+	  echo "local Triton without Docker needs glibc >= 2.35; this machine has $$glibc: requirements-triton.txt is skipped, notebook 04 will serve with Docker if an engine answers, else run its checks in the kernel"; \
+	  echo "$(BIN)/pip install --quiet -r requirements-dev.txt"; \
+	  $(BIN)/pip install --quiet -r requirements-dev.txt; \
+	fi
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
+	@rm -f $(BIN)/.installed*
 	touch $@
 
-venv: $(BIN)/.installed
+venv: which-python $(STAMP)
 
 run: venv
 	@mkdir -p $(BUILD)
@@ -36,6 +76,10 @@ test: venv
 # The generation benchmark (README, "Performance"): needs notebooks 01-03 run first (make run).
 bench: venv
 	$(BIN)/python benchmarks/bench_generation.py
+
+# Peak memory of each of notebook 02's export stages, printed (after notebook 01).
+export-memory: venv
+	$(BIN)/python benchmarks/export_memory.py
 
 lint: venv
 	$(BIN)/ruff check .

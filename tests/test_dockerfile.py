@@ -59,7 +59,8 @@ def only(parsed: list[tuple[str, str]], keyword: str) -> str:
 
 def requirement_pins() -> dict[str, str]:
     pins = {}
-    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
+    files = ("requirements.txt", "requirements-triton.txt")  # the second: nvidia-pytriton
+    for line in "\n".join((REPO_ROOT / f).read_text() for f in files).splitlines():
         match = re.fullmatch(
             r"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==(\S+)", line.split("#")[0].strip()
         )
@@ -188,7 +189,7 @@ def _bundled_tritonserver() -> tuple[Path, Path]:
         import pytriton
     except ImportError:
         if os.environ.get("CI") == "true":
-            pytest.fail("nvidia-pytriton is not installed (requirements.txt pins it)")
+            pytest.fail("nvidia-pytriton is not installed (requirements-triton.txt pins it)")
         pytest.skip("nvidia-pytriton is not installed: no local tritonserver 2.51.0")
     root = Path(pytriton.__file__).parent
     return root / "tritonserver" / "bin" / "tritonserver", root.parent / "nvidia_pytriton.libs"

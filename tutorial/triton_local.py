@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -71,7 +72,8 @@ def bundled_server_dir() -> Path:
         import pytriton
     except ImportError as exc:
         raise TutorialError(
-            "The bundled Triton needs nvidia-pytriton: pip install -r requirements.txt"
+            "The bundled Triton needs nvidia-pytriton: pip install -r requirements-triton.txt "
+            "(Linux with glibc >= 2.35)"
         ) from exc
     src = Path(pytriton.__file__).parent / "tritonserver"
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -279,7 +281,12 @@ def _launch_bundled(
 
     libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
+    # The python backend stub links libpython3.X.so; a Python that keeps it outside the
+    # loader's paths (pyenv, conda) needs its LIBDIR named.
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        filter(None, [str(libs), env.get("LD_LIBRARY_PATH"), libdir])
+    )
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     kept = [a for a in server_args if not a.startswith(REPLACED_FLAGS)]
     cmd = [
