@@ -334,7 +334,8 @@ def local_runtime(runtime: str = "auto") -> tuple[str | None, str]:
             f"installed (pip install -r requirements-triton.txt; it needs glibc >= 2.35, this "
             f"machine has {libc or 'no glibc'})"
         )
-    return "bundled", "the tritonserver bundled in nvidia-pytriton (no Docker engine answers)"
+    why = "asked for" if runtime == "bundled" else "no Docker engine answers"
+    return "bundled", f"the tritonserver bundled in nvidia-pytriton ({why})"
 
 
 def gpu_present() -> bool:
