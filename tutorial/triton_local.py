@@ -484,8 +484,7 @@ def serve_artifact(
             docker_args = [a.replace(str(root), OCI_ARTIFACT_ROOT) for a in args]
 
             def launch(port: int, log: Path) -> TritonServer:
-                server = _launch_docker(root, docker_args, port, log, image or _default_image())
-                return server
+                return _launch_docker(root, docker_args, port, log, image or _default_image())
 
         else:
             sandbox = can_sandbox()
