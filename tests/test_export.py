@@ -224,3 +224,30 @@ def test_export_computes_what_tf2onnx_from_function_computes(tmp_path):
             logits, cache = plain.run(None, {k: feeds[k] for k in ("input_ids", "attention_mask")})
             np.testing.assert_allclose(logits, want[1], rtol=0, atol=1e-6)
             np.testing.assert_allclose(cache, want[2], rtol=0, atol=1e-6)
+
+    # A batch of rows with different cache lengths: the shorter row is padded on the left with
+    # mask 0 and must compute what it computes alone (its positions come from its mask).
+    short, long = (rng.normal(size=(2, 2, 1, 2, n, 8)).astype(np.float32) for n in (2, 5))
+    ids = rng.integers(0, 1000, (2, 1)).astype(np.int32)
+    alone = [
+        ours.run(
+            ["logits", "present"],
+            {
+                "input_ids": ids[i : i + 1],
+                "past": past,
+                "attention_mask": np.ones((1, past.shape[4] + 1), np.int32),
+            },
+        )
+        for i, past in enumerate((short, long))
+    ]
+    padded = np.concatenate([np.zeros((2, 2, 1, 2, 3, 8), np.float32), short], axis=4)
+    mask = np.ones((2, 6), np.int32)
+    mask[0, :3] = 0
+    batch = ours.run(
+        ["logits", "present"],
+        {"input_ids": ids, "attention_mask": mask, "past": np.concatenate([padded, long], 2)},
+    )
+    for i in range(2):
+        np.testing.assert_allclose(batch[0][i], alone[i][0][0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(batch[1][:, :, 0, :, 3:], alone[0][1][:, :, 0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(batch[1][:, :, 1], alone[1][1][:, :, 0], rtol=0, atol=1e-5)

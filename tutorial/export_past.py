@@ -22,7 +22,8 @@ at 20-22 GB. Without weights the traced graph is 0.6 MB, and each stage holds at
 
 The step function's inputs: ``input_ids`` [batch, new_len] int32, ``attention_mask`` [batch,
 past_len + new_len] int32, ``past`` [n_layer, 2, batch, n_head, past_len, head_dim] float32
-(past_len may be 0: that call is the prefill). Outputs: ``logits`` [batch, vocab] at the last
+(past_len may be 0: that call is the prefill); positions come from the mask (a row padded with
+0s keeps its own positions, so rows of different lengths can share a batch). Outputs: ``logits`` [batch, vocab] at the last
 position, ``all_logits`` [batch, new_len, vocab], and ``present`` (the cache to feed back).
 """
 
@@ -64,9 +65,17 @@ def step_function(model: Any) -> Any:
 
     @tf.function(input_signature=spec)
     def step(input_ids, attention_mask, past):
+        # Each token's position is the number of real tokens before it in its row: the count
+        # of 1s in attention_mask, as transformers' generate() derives it. With a mask of all
+        # 1s that is past_len, past_len + 1, ... (what the model does without position_ids);
+        # in a batch whose rows are padded (mask 0) to a common cache length, every row keeps
+        # the positions it has alone, so batched rows make the same tokens as single ones.
+        new_len = tf.shape(input_ids)[1]
+        positions = tf.math.cumsum(attention_mask, axis=-1)[:, -new_len:] - 1
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            position_ids=tf.maximum(positions, 0),
             past_key_values=tf.unstack(past, axis=0),
             use_cache=True,
         )
