@@ -133,6 +133,71 @@ def test_generate_concurrent_calls_stay_correct(triton_server, tiny_reference):
     assert all(r == expected[p] for p, r in zip(jobs, results))
 
 
+def test_generate_batches_requests_in_flight_token_exact(triton_server, tiny_reference):
+    """Requests of different lengths and limits share decode steps with a long one already in
+    flight (in-flight batching), and each gets exactly transformers' tokens alone."""
+    import threading
+
+    tf_model, tok = tiny_reference
+    long = ("Hello world", 1000)  # in flight while the others come and go
+    others = [
+        (PROMPT, 5),  # stops at its own limit, early
+        (CANDIDATES[0], 40),
+        (CANDIDATES[2], 1),  # prefill only: never joins a decode step
+        (" hello" * 1015, 50),  # 1015 tokens: its row pads the others; the context ends it
+    ]
+    assert len(tok(others[3][0])["input_ids"]) == 1015
+    # 1015 + 9 new tokens fill the context; the 10th is predicted from it, and is the last.
+    lengths = {
+        job: min(job[1], 1024 - len(tok(job[0])["input_ids"]) + 1) for job in [long, *others]
+    }
+    expected = {job: reference_generate(tf_model, tok, job[0], lengths[job]) for job in lengths}
+    finished = []
+    lock = threading.Lock()
+
+    def run(job):
+        ids = generated_ids(generate(triton_server, *job))
+        with lock:
+            finished.append(job)
+        return ids
+
+    with ThreadPoolExecutor(len(others) + 1) as pool:
+        first = pool.submit(run, long)
+        rest = [pool.submit(run, job) for job in others]
+        results = {long: first.result(), **{job: f.result() for job, f in zip(others, rest)}}
+    for job, ids in results.items():
+        assert ids == expected[job], job[1]
+    assert lengths[others[3]] == 10
+    # One request at a time would answer the long request first; batched, the others finish
+    # while it is still in flight.
+    assert finished[-1] == long, [n for _, n in finished]
+
+
+def test_generate_16_clients_batched_token_exact(triton_server, tiny_reference):
+    tf_model, tok = tiny_reference
+    prompts = [PROMPT, *CANDIDATES]
+    jobs = [(prompts[i % len(prompts)], 8 + 7 * (i % 5)) for i in range(16)]
+    expected = {job: reference_generate(tf_model, tok, *job) for job in set(jobs)}
+
+    def client(job):
+        session = requests.Session()
+        got = []
+        for _ in range(2):
+            inputs = [
+                {"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": [job[0]]},
+                {"name": "MAX_NEW_TOKENS", "datatype": "INT32", "shape": [1], "data": [job[1]]},
+            ]
+            body = infer_json(triton_server.url, "generate", {"inputs": inputs}, session=session)
+            got.append({o["name"]: o["data"] for o in body["outputs"]}["TOKEN_IDS"])
+        return got
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(client, jobs))
+    assert sum(len(a) for a in answers) == 32
+    for job, got in zip(jobs, answers):
+        assert got == [expected[job]] * 2, job
+
+
 # --- bad input: a clear error each, and the next good request is still answered correctly ---
 
 
