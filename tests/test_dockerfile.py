@@ -94,20 +94,24 @@ def test_base_is_the_pinned_ngc_triton_py3_image(dockerfile):
     assert triton_local.NGC_IMAGE == base
 
 
-def test_installs_only_the_pinned_tokenizer_and_numpy(dockerfile):
+def test_installs_only_the_pinned_tokenizer_numpy_and_onnxruntime(dockerfile):
     runs = [args for kw, args in dockerfile if kw == "RUN"]
     installs = [r for r in runs if "pip install" in r]
     assert len(installs) == 1, installs
     command = installs[0].split("&&")[0]
     words = shlex.split(command)
     packages = [w for w in words[words.index("install") + 1 :] if not w.startswith("-")]
-    assert sorted(packages) == ["numpy==1.26.4", "tokenizers==0.22.1"]
+    assert sorted(packages) == ["numpy==1.26.4", "onnxruntime-gpu==1.19.2", "tokenizers==0.22.1"]
     pins = requirement_pins()
     for package in packages:
         name, _, version = package.partition("==")
+        name = name.removesuffix("-gpu")  # the same release as requirements.txt's CPU wheel
         assert pins[name] == version, f"{package} differs from requirements.txt ({pins[name]})"
-    # the cloud gpt2 model runs in Triton's onnxruntime backend; nothing heavy is pip-installed
-    for heavy in ("onnxruntime", "tensorflow", "transformers", "torch"):
+    # Triton 24.10's onnxruntime backend is built on 1.19.2: generate's session runs the same
+    from tutorial.triton_local import TRITON_ONNXRUNTIME
+
+    assert pins["onnxruntime"] == TRITON_ONNXRUNTIME
+    for heavy in ("tensorflow", "transformers", "torch"):
         assert not any(heavy in r for r in installs), heavy
     # the one apt-get: curl, for OCI's health check, and only where the base lacks it
     apt = [r for r in runs if "apt-get" in r]
@@ -124,7 +128,7 @@ def test_every_python_model_import_is_in_the_image(dockerfile):
     for keyword, args in dockerfile:
         if keyword == "RUN" and "pip install" in args:
             words = shlex.split(args.split("&&")[0])
-            installed |= {w.split("==")[0] for w in words if "==" in w}
+            installed |= {w.split("==")[0].removesuffix("-gpu") for w in words if "==" in w}
     models = sorted((REPO_ROOT / "model_repository").glob("*/1/model.py"))
     if not models:
         pytest.skip("no python-backend model.py committed yet")

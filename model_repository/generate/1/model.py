@@ -156,10 +156,21 @@ class SessionRunner:
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
-        providers = ["CPUExecutionProvider"]
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        cpu = ["CPUExecutionProvider"]
+        # The image's onnxruntime-gpu lists the CUDA provider on every shape; use it where the
+        # machine has an NVIDIA GPU, and fall back to the CPU where it cannot start.
+        if (
+            "CUDAExecutionProvider" in ort.get_available_providers()
+            and Path("/dev/nvidiactl").exists()
+        ):
+            try:
+                self.session = ort.InferenceSession(
+                    str(self.path), options, providers=["CUDAExecutionProvider", *cpu]
+                )
+            except Exception as exc:
+                pb_utils.Logger.log_warn(f"generate: onnxruntime's CUDA provider failed: {exc}")
+        if self.session is None:
+            self.session = ort.InferenceSession(str(self.path), options, providers=cpu)
         if self.session.get_providers()[0] == "CUDAExecutionProvider":
             self.device = "cuda"
         pb_utils.Logger.log_info(
