@@ -317,7 +317,21 @@ def _ids(response):
     return {o["name"]: o["data"] for o in response.json()["outputs"]}["TOKEN_IDS"]
 
 
-def test_a_1000_token_prompt_in_64_mb_of_shm(tiny_workdir, tiny_reference):
+def _artifact(tiny_workdir, tmp_path, step_runner):
+    """The tiny artifact, with `generate`'s step_runner set (the committed default is
+    "onnxruntime"; "bls" sends the KV cache through /dev/shm every step)."""
+    from tutorial.repository import artifact_with_parameters
+
+    source = tiny_workdir / "model_artifact.zip"
+    if step_runner == "onnxruntime":
+        return source
+    return artifact_with_parameters(
+        source, tmp_path / f"{step_runner}.zip", ["generate"], {"step_runner": step_runner}
+    )
+
+
+@pytest.mark.parametrize("step_runner", ["bls", "onnxruntime"])
+def test_a_1000_token_prompt_in_64_mb_of_shm(tiny_workdir, tiny_reference, tmp_path, step_runner):
     """A container's default /dev/shm: the tiny model's cache fits; tokens stay exact."""
     from tutorial.client import reference_generate
     from tutorial.triton_local import serve_artifact
@@ -325,13 +339,14 @@ def test_a_1000_token_prompt_in_64_mb_of_shm(tiny_workdir, tiny_reference):
     _need_sandbox()
     tf_model, tok = tiny_reference
     prompt = " hello" * 1000
-    server = serve_artifact(tiny_workdir / "model_artifact.zip", runtime="bundled", shm_size="64m")
+    artifact = _artifact(tiny_workdir, tmp_path, step_runner)
+    server = serve_artifact(artifact, runtime="bundled", shm_size="64m")
     try:
         mounts = Path(f"/proc/{server.process.pid}/mountinfo").read_text()
         shm = [m for m in mounts.splitlines() if " /dev/shm " in m][-1]  # the one on top
         assert "size=65536k" in shm
         got = _ids(_generate(server.url, prompt, 10))
-        print(f"64 MB /dev/shm, 1000-token prompt: HTTP 200, {len(got)} tokens")
+        print(f"{step_runner}: 64 MB /dev/shm, 1000-token prompt: HTTP 200, {len(got)} tokens")
         assert got == reference_generate(tf_model, tok, prompt, 10)
         assert _ids(_generate(server.url, PROMPT, 5)) == reference_generate(
             tf_model, tok, PROMPT, 5
@@ -341,23 +356,37 @@ def test_a_1000_token_prompt_in_64_mb_of_shm(tiny_workdir, tiny_reference):
 
 
 def test_when_shm_is_too_small_the_answer_says_so_and_the_server_goes_on(
-    tiny_workdir, tiny_reference
+    tiny_workdir, tiny_reference, tmp_path
 ):
+    """step_runner "bls": the cache crosses /dev/shm, and 8 MB cannot hold a 1000-token one.
+    The default, "onnxruntime", keeps the cache in its own process: the same request is served."""
     from tutorial.client import reference_generate
     from tutorial.triton_local import serve_artifact
 
     _need_sandbox()
     tf_model, tok = tiny_reference
-    server = serve_artifact(tiny_workdir / "model_artifact.zip", runtime="bundled", shm_size="8m")
+    long = " hello" * 1000
+    server = serve_artifact(
+        _artifact(tiny_workdir, tmp_path, "bls"), runtime="bundled", shm_size="8m"
+    )
     try:
-        response = _generate(server.url, " hello" * 1000, 10)
-        print("8 MB /dev/shm, 1000-token prompt:", response.status_code, response.json()["error"])
+        response = _generate(server.url, long, 10)
+        print(
+            "bls: 8 MB /dev/shm, 1000-token prompt:", response.status_code, response.json()["error"]
+        )
         assert response.status_code in (400, 500)
         error = response.json()["error"]
         assert "/dev/shm" in error and "MiB" in error and "--shm-size" in error
         assert _ids(_generate(server.url, PROMPT, 5)) == reference_generate(
             tf_model, tok, PROMPT, 5
         )
+    finally:
+        server.stop()
+    server = serve_artifact(tiny_workdir / "model_artifact.zip", runtime="bundled", shm_size="8m")
+    try:
+        got = _ids(_generate(server.url, long, 10))
+        print(f"onnxruntime: 8 MB /dev/shm, 1000-token prompt: HTTP 200, {len(got)} tokens")
+        assert got == reference_generate(tf_model, tok, long, 10)
     finally:
         server.stop()
 

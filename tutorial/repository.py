@@ -441,6 +441,38 @@ def validate_artifact_zip(zip_path: Path) -> dict[str, list[str]]:
 ROOT = "model_repository/"
 
 
+def artifact_with_parameters(
+    zip_path: Path, output: Path, models: list[str], parameters: dict[str, str]
+) -> Path:
+    """A copy of the artifact zip whose ``models`` have ``parameters`` set in their configs
+    (``parameters`` entries added or replaced); every other entry is copied as it is.
+
+    For comparisons of one setting on the same artifact (the benchmark's ``inflight_batching``
+    off and on, the tests' ``step_runner``); the copy is checked like the original.
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    targets = {f"model_repository/{m}/config.pbtxt": m for m in models}
+    found = set()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(zip_path) as source, zipfile.ZipFile(output, "w") as copy:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename in targets:
+                config = text_format.Parse(data.decode(), model_config_pb2.ModelConfig())
+                for key, value in parameters.items():
+                    config.parameters[key].string_value = value
+                data = text_format.MessageToString(config).encode()
+                found.add(targets[info.filename])
+            copy.writestr(info, data)
+    missing = sorted(set(models) - found)
+    if missing:
+        raise TutorialError(f"{zip_path} has no config for {missing}")
+    validate_artifact_zip(output)  # raises, naming what is wrong
+    return output
+
+
 def unpack_artifact(zip_path: Path, dest: Path, check: bool = True) -> Path:
     """Unpack the artifact into ``dest`` the way OCI does at ``OCI_ARTIFACT_ROOT``, after
     :func:`validate_artifact_zip` (``check=False`` skips it, as OCI does not check), and make
