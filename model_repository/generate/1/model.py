@@ -250,7 +250,10 @@ class Engine:
         self.mask = None
         self.stopping = False
         self.thread = threading.Thread(target=self.loop, name="generate-engine", daemon=True)
+
+    def start(self):
         self.thread.start()
+        return self
 
     def submit(self, job):
         self.pending.put(job)
@@ -447,7 +450,7 @@ class TritonPythonModel:
             max(1, max_batch),
             wait_s,
             self.fits,
-        )
+        ).start()
         pb_utils.Logger.log_info(
             f"{self.name}: step_runner {runner}, inflight_batching {batching} "
             f"(at most {max(1, max_batch)} requests per step, join wait {wait_s * 1e3:g} ms)"
