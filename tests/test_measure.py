@@ -417,7 +417,10 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
 
     rows = read_results(str(tiny_workdir / "results" / "latency_*.csv"))
     targets = {r["target"] for r in rows}
-    assert {"local-cpu", "inprocess-cpu"} <= targets
+    assert {"local-cpu", "local-cpu-unbatched", "inprocess-cpu"} <= targets
+    unbatched = [r for r in rows if r["target"] == "local-cpu-unbatched"]
+    assert {(r["sweep"], r["method"]) for r in unbatched} == {("concurrency", "generate")}
+    assert sorted(r["concurrency"] for r in unbatched) == [1, 2, 2]
     executed = nbformat.read(out, as_version=4)
     shown = [
         o
@@ -430,6 +433,9 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
     text = "".join(
         o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs
     )
+    # Triton counted every request on both servers (the notebook asserts it per series)
+    assert "local-cpu-unbatched generate prompt=10 new=4 c=2: 2 calls" in text
+    assert "3 rows with batching off" in text
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert "local-gpu" not in targets
         assert "drawn as 'not measured': ['local-gpu', 'oci-cpu', 'oci-gpu']" in text
