@@ -59,6 +59,7 @@ from tutorial.measure import (  # noqa: F401
     TargetRun,
     cuda_status,
     inprocess_target,
+    measure_concurrency,
     measure_series,
     measure_target,
     oci_target,
@@ -145,6 +146,7 @@ from tutorial.registry import (  # noqa: F401
 from tutorial.repository import (  # noqa: F401
     OCI_ARTIFACT_ROOT,
     OCI_REPOSITORY_PATH,
+    artifact_with_parameters,
     assemble_repository,
     bytes_per_step,
     load_config,

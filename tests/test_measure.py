@@ -17,6 +17,7 @@ from tutorial.measure import (
     cuda_status,
     decode_rows,
     inprocess_target,
+    measure_concurrency,
     measure_series,
     measure_target,
     oci_target,
@@ -160,6 +161,54 @@ def test_prompts_have_exact_token_counts(tmp_path):
         assert prompt.tokens == n
         assert prompt.ids == list(prompts.tokenizer.encode(prompt.text))
     assert prompts(12).text == "My dog is cute, but he barks a lot."  # the seed's sentence
+
+
+class _FakeGenerate:
+    """A target whose ``generate`` takes no time and returns ``max_new_tokens`` tokens."""
+
+    has_ensemble = True
+    name = "local-cpu-unbatched"
+    model_variant = "fp32"
+    device_name = None
+    shape = "local"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def generate(self, prompt, max_new_tokens):
+        self.calls.append(("generate", max_new_tokens))
+        return CallResult(1000.0, 1.0, max_new_tokens, token_ids=[0] * max_new_tokens)
+
+    def next_token(self, prompt):
+        self.calls.append(("ensemble_next_token", 1))
+        return CallResult(1000.0, 1.0, 1)
+
+    def stats(self):
+        return None
+
+
+def test_measure_concurrency_runs_only_the_concurrency_sweep(tmp_path):
+    from tutorial.model_source import load_tokenizer, save_offline_vocab
+
+    save_offline_vocab(tmp_path)
+    prompts = PromptMaker(load_tokenizer(tmp_path))
+    plan = MeasurementPlan(
+        warmup=1, iterations=5, new_tokens=3, prompt_lengths=(8, 32), concurrency_levels=(1, 2, 4),
+        concurrency_iterations=2, progress=False,
+    )  # fmt: skip
+    target = _FakeGenerate()
+    run = measure_concurrency(target, plan, prompts)
+    # one warm-up, then 2 calls per worker at each level; no reference or prompt-length series
+    assert target.calls == [("generate", 3)] * (1 + 2 * (1 + 2 + 4))
+    assert [(s.concurrency, s.sent) for s in run.series] == [(1, 2), (2, 4), (4, 8)]
+    assert {r["sweep"] for r in run.rows} == {"concurrency"}
+    assert {r["target"] for r in run.rows} == {"local-cpu-unbatched"}
+    assert {r["prompt_tokens"] for r in run.rows} == {plan.prompt_tokens}
+    assert run.skipped == []
+    # measure_target still measures everything on the same target
+    full = measure_target(_FakeGenerate(), plan, prompts)
+    assert {r["sweep"] for r in full.rows} == {"reference", "prompt_length", "concurrency"}
+    assert [(s.concurrency, s.sent) for s in full.series[-3:]] == [(1, 2), (2, 4), (4, 8)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +417,10 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
 
     rows = read_results(str(tiny_workdir / "results" / "latency_*.csv"))
     targets = {r["target"] for r in rows}
-    assert {"local-cpu", "inprocess-cpu"} <= targets
+    assert {"local-cpu", "local-cpu-unbatched", "inprocess-cpu"} <= targets
+    unbatched = [r for r in rows if r["target"] == "local-cpu-unbatched"]
+    assert {(r["sweep"], r["method"]) for r in unbatched} == {("concurrency", "generate")}
+    assert sorted(r["concurrency"] for r in unbatched) == [1, 2, 2]
     executed = nbformat.read(out, as_version=4)
     shown = [
         o
@@ -381,6 +433,9 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
     text = "".join(
         o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs
     )
+    # Triton counted every request on both servers (the notebook asserts it per series)
+    assert "local-cpu-unbatched generate prompt=10 new=4 c=2: 2 calls" in text
+    assert "3 rows with batching off" in text
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert "local-gpu" not in targets
         assert "drawn as 'not measured': ['local-gpu', 'oci-cpu', 'oci-gpu']" in text

@@ -347,6 +347,60 @@ def test_measured_gpu_fills_its_slot():
     assert not any("not measured" in t for t in _texts(plots.plot_latency_cdf(rows)))
 
 
+def unbatched_rows(levels=(1, 2, 4)) -> list[dict]:
+    """Synthetic local-cpu-unbatched rows (a test fixture): only a concurrency sweep, one request
+    at a time: at each level, two waves of ``level`` calls that each take ``level`` seconds
+    (every call waits for the others of its wave), so 50 tokens/s whatever the level."""
+    rows = []
+    for level in levels:
+        for i in range(2 * level):
+            rows.append(
+                synthetic_row(
+                    target="local-cpu-unbatched", run_id="r1", sweep="concurrency",
+                    concurrency=level, iteration=i, latency_ms=1000.0 * level,
+                    started_at=5000.0 + level * 100 + (i // level) * level,
+                )
+            )  # fmt: skip
+    return rows
+
+
+def _legend_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_batching_off_is_drawn_only_against_concurrency():
+    measured = [_complete(r) for r in synthetic_rows(("local-cpu", "oci-gpu"))]
+    rows = measured + [_complete(r) for r in unbatched_rows()]
+    assert plots.concurrency_only(rows) == {"local-cpu-unbatched"}
+    # the per-call figures are drawn exactly as without it: no slot, no legend entry
+    bars = plots.plot_latency_bars(rows)
+    assert sum(t == plots.NOT_MEASURED for t in _texts(bars)) == 6
+    ticks = [t.get_text() for ax in bars.axes for t in ax.get_xticklabels()]
+    assert not any("unbatched" in t for t in ticks) and len(ticks) == 3 * 4
+    for plot in (plots.plot_latency_bars, plots.plot_latency_vs_prompt, plots.plot_latency_cdf):
+        texts = _texts(plot(rows))
+        assert not any("unbatched" in t or "batching" in t for t in texts), plot.__name__
+        assert texts == _texts(plot(measured)), plot.__name__
+    # the throughput figure: both lines, labelled batching on and off
+    fig = plots.plot_throughput_vs_concurrency(rows)
+    ax_tput, ax_lat = fig.axes[:2]
+    labels = _legend_texts(ax_tput)
+    assert any(t.startswith("local-cpu, batching on (Synthetic Xeon") for t in labels)
+    assert any(t.startswith("local-cpu-unbatched, batching off (") for t in labels)
+    assert "local-gpu: not measured" in labels
+    assert not any(t.startswith("local-cpu-unbatched: not measured") for t in labels)
+    assert "local-cpu, batching on p50" in _legend_texts(ax_lat)
+    assert "local-cpu-unbatched, batching off p50" in _legend_texts(ax_lat)
+    (off,) = [line for line in ax_tput.get_lines() if "batching off" in line.get_label()]
+    assert list(off.get_xdata()) == [1, 2, 4]
+    assert list(off.get_ydata()) == pytest.approx([50.0, 50.0, 50.0])
+    assert off.get_marker() == "s"
+    # without the unbatched rows nothing says batching
+    alone = _texts(plots.plot_throughput_vs_concurrency(measured))
+    assert not any("batching" in t for t in alone)
+    assert any(t.startswith("local-cpu (Synthetic Xeon") for t in alone)
+
+
 def test_nothing_measured_at_all_still_draws_labelled_slots():
     fig = plots.plot_latency_bars([])
     assert sum(t == plots.NOT_MEASURED for t in _texts(fig)) == 12

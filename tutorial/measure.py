@@ -802,12 +802,30 @@ def measure_target(
 
     Prompt lengths that do not fit the model's context with ``new_tokens`` more are skipped.
     """
+    return _measure(target, plan, prompts, prompt_sweeps=True)
+
+
+def measure_concurrency(
+    target: Any, plan: MeasurementPlan | None = None, prompts: PromptMaker | None = None
+) -> TargetRun:
+    """Only :func:`measure_target`'s concurrency sweep of ``generate`` (the reference prompt,
+    ``plan.new_tokens`` new tokens, each of ``plan.concurrency_levels``), measured the same way:
+    for comparing one server setting (e.g. ``generate`` with ``inflight_batching`` off) where
+    only throughput against concurrency is asked."""
+    return _measure(target, plan, prompts, prompt_sweeps=False)
+
+
+def _measure(
+    target: Any, plan: MeasurementPlan | None, prompts: PromptMaker | None, prompt_sweeps: bool
+) -> TargetRun:
     from tqdm.auto import tqdm
 
     plan = plan or MeasurementPlan()
     prompts = prompts or PromptMaker.from_workdir()
     methods = ["ensemble_next_token"] if target.has_ensemble else []
     lengths = [plan.prompt_tokens] + [p for p in plan.prompt_lengths if p != plan.prompt_tokens]
+    if not prompt_sweeps:
+        lengths = []
     skipped = [
         f"prompt {p} tokens: {p} + {plan.new_tokens} new > context {prompts.max_positions}"
         for p in lengths

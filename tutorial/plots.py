@@ -4,7 +4,9 @@ Every figure is built from rows of :mod:`tutorial.results` (one row per measured
 A target that has no rows is drawn as an empty slot (or legend entry) labelled
 "not measured"; nothing is interpolated or filled in. Titles carry the model, the variant,
 the weights (``random-offline`` or ``real``) and the devices, so a figure cut out of its
-notebook still says what it shows. Figures are built with ``matplotlib.figure.Figure`` (no
+notebook still says what it shows. A target measured only over concurrency (``local-cpu``'s
+server with in-flight batching off, :data:`BATCHING_OFF`) appears only in the throughput figure,
+next to the target it is a setting of. Figures are built with ``matplotlib.figure.Figure`` (no
 pyplot, no global state), which saves with the Agg backend anywhere.
 """
 
@@ -23,9 +25,20 @@ from tutorial.results import ResultsError, latency_stats, throughput
 #: The targets every figure has a slot for, CPU and GPU side by side.
 DEFAULT_TARGETS: tuple[str, ...] = ("local-cpu", "local-gpu", "oci-cpu", "oci-gpu")
 #: Where known targets go on the x axis (others follow, alphabetically).
-TARGET_ORDER = ("local-cpu", "inprocess-cpu", "local-gpu", "oci-cpu", "oci-gpu")
+TARGET_ORDER = (
+    "local-cpu",
+    "local-cpu-unbatched",
+    "inprocess-cpu",
+    "local-gpu",
+    "oci-cpu",
+    "oci-gpu",
+)
+#: Targets that are another target's server with ``generate``'s in-flight batching off,
+#: measured over concurrency only: (off target) -> (the target, batching on).
+BATCHING_OFF = {"local-cpu-unbatched": "local-cpu"}
 TARGET_DESCRIPTIONS = {
     "local-cpu": "Triton over HTTP, this machine",
+    "local-cpu-unbatched": "Triton over HTTP, this machine, generate's in-flight batching off",
     "inprocess-cpu": "onnxruntime CPU, in-process",
     "local-gpu": "onnxruntime CUDA, in-process",
     "oci-cpu": "OCI Model Deployment, CPU shape",
@@ -56,6 +69,7 @@ def _figure(width: float, height: float) -> Any:
 #: One colour per known target: CPU targets in blues and purples, GPU targets in greens.
 TARGET_COLORS = {
     "local-cpu": "#2166ac",
+    "local-cpu-unbatched": "#92c5de",
     "inprocess-cpu": "#6a51a3",
     "oci-cpu": "#35978f",
     "local-gpu": "#1b7837",
@@ -212,6 +226,29 @@ def _slots(rows: list[dict[str, Any]], expected: Iterable[str]) -> list[str]:
     return order_targets([*expected, *(r["target"] for r in rows)])
 
 
+def concurrency_only(rows: list[dict[str, Any]]) -> set[str]:
+    """Targets whose every row is from a concurrency sweep (e.g. batching off): they have no
+    reference or prompt-length series, so only the throughput figure shows them."""
+    other = {r["target"] for r in rows if r["sweep"] != "concurrency"}
+    return {r["target"] for r in rows} - other
+
+
+def _per_call_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows the latency figures draw: without :func:`concurrency_only` targets."""
+    dropped = concurrency_only(rows)
+    return [r for r in rows if r["target"] not in dropped]
+
+
+def batching_label(target: str, rows: list[dict[str, Any]]) -> str:
+    """``target``, plus "batching on" / "batching off" where ``rows`` hold both sides of a
+    :data:`BATCHING_OFF` pair."""
+    present = {r["target"] for r in rows}
+    for off, on in BATCHING_OFF.items():
+        if {off, on} <= present and target in (off, on):
+            return f"{target}, batching {'off' if target == off else 'on'}"
+    return target
+
+
 def plot_latency_bars(
     rows: list[dict[str, Any]],
     expected_targets: Iterable[str] = DEFAULT_TARGETS,
@@ -219,7 +256,8 @@ def plot_latency_bars(
 ) -> Any:
     """p50 and p95 bars per target (CPU and GPU side by side), one panel per method, at
     concurrency 1 and each method's reference prompt length. Targets without rows for a
-    panel get an empty slot labelled "not measured"."""
+    panel get an empty slot labelled "not measured" (concurrency-only targets get none)."""
+    rows = _per_call_rows(rows)
     methods = list(methods)
     slots = _slots(rows, expected_targets)
     fig = _figure(max(6.0, 4.2 * len(methods)), 5.2)
@@ -298,8 +336,10 @@ def plot_latency_vs_prompt(
     """p50 latency (band up to p95) against prompt length, per target, at concurrency 1.
 
     ``panels`` are (method, new_tokens) pairs; ``("generate", 1)`` is tokenize + prefill +
-    one token. Targets without rows are listed in the legend as "not measured".
+    one token. Targets without rows are listed in the legend as "not measured" (concurrency-only
+    targets are left out).
     """
+    rows = _per_call_rows(rows)
     panels = list(panels)
     slots = _slots(rows, expected_targets)
     fig = _figure(max(6.0, 4.2 * len(panels)), 4.6)
@@ -345,7 +385,9 @@ def plot_latency_cdf(
     methods: Iterable[str] = ("ensemble_next_token", "generate", "decode_token"),
 ) -> Any:
     """The empirical CDF of per-call latency per target, at concurrency 1 and each method's
-    reference prompt length (latency axis log-scaled when it spans more than 20x)."""
+    reference prompt length (latency axis log-scaled when it spans more than 20x);
+    concurrency-only targets are left out."""
+    rows = _per_call_rows(rows)
     methods = list(methods)
     slots = _slots(rows, expected_targets)
     fig = _figure(max(6.0, 4.2 * len(methods)), 4.4)
@@ -398,9 +440,12 @@ def plot_throughput_vs_concurrency(
     method: str = "generate",
 ) -> Any:
     """Tokens per second of wall time (left) and p50/p95 latency (right) against the number
-    of concurrent requests, for ``method`` at its reference prompt and token counts."""
+    of concurrent requests, for ``method`` at its reference prompt and token counts.
+
+    A :data:`BATCHING_OFF` target is drawn next to its batching-on target (lighter, square
+    markers), both labelled "batching on" / "batching off"."""
     slots = _slots(rows, expected_targets)
-    point = reference_point(rows, method)
+    point = reference_point(_per_call_rows(rows), method) or reference_point(rows, method)
     fig = _figure(10.0, 4.4)
     ax_tput, ax_lat = fig.subplots(1, 2)
     missing = []
@@ -421,9 +466,11 @@ def plot_throughput_vs_concurrency(
             tputs.append(throughput(at) or float("nan"))
             p50.append(stats["p50_ms"])
             p95.append(stats["p95_ms"])
-        label = f"{target} ({_short_device(_values(picked, 'device_name')[0], 22)})"
-        ax_tput.plot(levels, tputs, marker="o", color=_color(target), label=label)
-        ax_lat.plot(levels, p50, marker="o", color=_color(target), label=f"{target} p50")
+        name = batching_label(target, rows)
+        label = f"{name} ({_short_device(_values(picked, 'device_name')[0], 22)})"
+        marker = "s" if target in BATCHING_OFF else "o"
+        ax_tput.plot(levels, tputs, marker=marker, color=_color(target), label=label)
+        ax_lat.plot(levels, p50, marker=marker, color=_color(target), label=f"{name} p50")
         ax_lat.plot(
             levels, p95, marker="^", linestyle="--", color=_color(target), alpha=0.6, label="p95"
         )
