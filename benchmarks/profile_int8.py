@@ -138,25 +138,34 @@ def print_profiles(profiles: dict[str, dict]) -> None:
     )
 
 
-def decode_timings(paths: dict[str, Path], prompt: list[int], args: Any) -> dict[str, list]:
-    """Per model, each round's p50 decode step (ms) with tutorial.measure's in-process loop,
-    the models alternating round by round."""
-    targets = {}
+def decode_step_ms(paths: dict[str, Path], prompt: list[int], args: Any) -> dict[str, Any]:
+    """Per model, a function returning one round's p50 decode step (ms) with
+    tutorial.measure's in-process loop (I/O binding; the prefill is left out)."""
+    rounds = {}
     for name, path in paths.items():
         target = measure.InProcessTarget(name, path, model_variant="int8", threads=args.threads)
         if args.spinning is not None:  # the same session, with the spinning setting
             target._session = session(path, args.threads, args.spinning)
-        targets[name] = target
-    p = measure.Prompt("", list(prompt))
-    for target in targets.values():
+        p = measure.Prompt("", list(prompt))
         target.generate(p, 5)
-    rounds: dict[str, list] = {name: [] for name in targets}
-    for _ in range(args.rounds):
-        for name, target in targets.items():
-            time.sleep(0.05)
-            steps = target.generate(p, args.steps + 1).step_ms[1:]  # prefill excluded
-            rounds[name].append(float(np.percentile(steps, 50)))
+
+        def one_round(target: Any = target, p: Any = p) -> float:
+            steps = target.generate(p, args.steps + 1).step_ms[1:]
+            return float(np.percentile(steps, 50))
+
+        rounds[name] = one_round
     return rounds
+
+
+def alternate(measures: dict[str, Any], rounds: int) -> dict[str, list[float]]:
+    """Call each measure once a round, in turn, ``rounds`` times: what other work on the
+    machine does to one round it does to its neighbours, so ratios are taken within a round."""
+    out: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure_once in measures.items():
+            time.sleep(0.05)
+            out[name].append(measure_once())
+    return out
 
 
 def matvec_graph(kind: str, shapes: list[tuple[int, int]], seed: int = 0) -> Any:
@@ -206,9 +215,8 @@ def matvec_graph(kind: str, shapes: list[tuple[int, int]], seed: int = 0) -> Any
     return model
 
 
-def matvec_ms(model: Any, args: Any, reps: int = 40) -> float:
-    """Median ms of one run of a :func:`matvec_graph` model (several rounds, lowest median:
-    the floor is what the machine can do, not what it did while busy)."""
+def matvec_ms(model: Any, args: Any, reps: int = 40) -> Any:
+    """A function returning the median ms of ``reps`` runs of a :func:`matvec_graph` model."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -222,30 +230,29 @@ def matvec_ms(model: Any, args: Any, reps: int = 40) -> float:
     feed = {"x": np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)}
     for _ in range(5):
         sess.run(None, feed)
-    medians = []
-    for _ in range(args.rounds):
+
+    def one_round() -> float:
         times = []
         for _ in range(reps):
             start = time.perf_counter()
             sess.run(None, feed)
             times.append(time.perf_counter() - start)
-        medians.append(float(np.median(times)) * 1000)
-        time.sleep(0.05)
-    return min(medians)
+        return float(np.median(times)) * 1000
+
+    return one_round
 
 
-def floor(int8_bytes: int, args: Any) -> dict[str, float]:
-    """ms and GB/s of the weight-read floor (see the module's docstring)."""
+def floor_measures(int8_bytes: int, args: Any) -> dict[str, Any]:
+    """The weight-read floor's measures (see the module's docstring)."""
     n = int8_bytes // 768
-    out = {}
-    int8_ms = matvec_ms(matvec_graph("int8", [(768, n)]), args)
-    out["int8_ms"], out["int8_gbs"] = int8_ms, int8_bytes / int8_ms / 1e6
-    fp32_ms = matvec_ms(matvec_graph("fp32", [(768, n)]), args)
-    out["fp32_ms"], out["fp32_gbs"] = fp32_ms, 4 * n * 768 / fp32_ms / 1e6
     gpt2 = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12 + [(768, 50257)]
-    out["gpt2_shapes_ms"] = matvec_ms(matvec_graph("int8", gpt2), args)
-    out["gpt2_shapes_bytes"] = sum(k * n for k, n in gpt2)
-    return out
+    measures = {
+        "floor int8": matvec_ms(matvec_graph("int8", [(768, n)]), args),
+        "floor fp32": matvec_ms(matvec_graph("fp32", [(768, n)]), args),
+    }
+    if abs(sum(k * n for k, n in gpt2) - int8_bytes) < 0.01 * int8_bytes:  # GPT-2 124M
+        measures["49 products"] = matvec_ms(matvec_graph("int8", gpt2), args)
+    return measures
 
 
 def agreement(fp32: Any, int8: Any, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -351,29 +358,39 @@ def main() -> None:
         print(f"\nOne decode step by op type (onnxruntime profiler; prompt {len(prompt)} tokens):")
         print_profiles(profiles)
 
-        print(f"\nms/token, p50 of {args.steps} decode steps, {args.rounds} alternating rounds:")
-        rounds = decode_timings(models, prompt, args)
-        p50 = {name: float(np.median(r)) for name, r in rounds.items()}
-        for name, r in rounds.items():
-            print(f"  {name:8} {p50[name]:6.2f} ms  (rounds: {' '.join(f'{x:.2f}' for x in r)})")
-
-        figures: dict[str, Any] = {"weights": weights, "p50_ms": p50, "rounds": rounds}
+        step_bytes = read["chosen"]["read_per_step"]
+        measures = decode_step_ms(models, prompt, args)
         if not args.skip_floor:
-            fl = floor(read["chosen"]["read_per_step"], args)
-            figures["floor"] = fl
+            measures.update(floor_measures(step_bytes, args))
+        rounds = alternate(measures, args.rounds)
+        ms = {name: float(np.median(r)) for name, r in rounds.items()}
+        print(
+            f"\nms/token, p50 of {args.steps} decode steps after a {len(prompt)}-token prompt; "
+            f"floors: median of {args.rounds} rounds, all measured in alternating rounds:"
+        )
+        for name, r in rounds.items():
+            print(f"  {name:12} {ms[name]:6.2f} ms  (rounds: {' '.join(f'{x:.2f}' for x in r)})")
+        figures: dict[str, Any] = {"weights": weights, "ms": ms, "rounds": rounds}
+        if not args.skip_floor:
+            n = step_bytes // 768
             print(
-                f"\nweight-read floor ({read['chosen']['read_per_step'] / 1e6:.1f} MB int8 a step):"
-                f"\n  int8 DynamicQuantizeMatMul [1,768]x[768,{read['chosen']['read_per_step'] // 768}]: "
-                f"{fl['int8_ms']:.2f} ms, {fl['int8_gbs']:.1f} GB/s"
-                f"\n  fp32 MatMul, same shape ({4 * read['chosen']['read_per_step'] / 1e6:.0f} MB): "
-                f"{fl['fp32_ms']:.2f} ms, {fl['fp32_gbs']:.1f} GB/s"
-                f"\n  the step's 49 int8 products alone (GPT-2 124M shapes, "
-                f"{fl['gpt2_shapes_bytes'] / 1e6:.1f} MB): {fl['gpt2_shapes_ms']:.2f} ms"
+                f"\nweight-read floor ({step_bytes / 1e6:.1f} MB of int8 weights a step):"
+                f"\n  int8 DynamicQuantizeMatMul [1,768]x[768,{n}]: {ms['floor int8']:.2f} ms, "
+                f"{step_bytes / ms['floor int8'] / 1e6:.1f} GB/s"
+                f"\n  fp32 MatMul, same shape ({4 * n * 768 / 1e6:.0f} MB): "
+                f"{ms['floor fp32']:.2f} ms, {4 * n * 768 / ms['floor fp32'] / 1e6:.1f} GB/s"
             )
-            for name in models:
+            if "49 products" in ms:
                 print(
-                    f"  {name:8} {p50[name]:.2f} ms/token = {p50[name] / fl['int8_ms']:.2f}x the "
-                    f"int8 floor"
+                    f"  the step's 49 int8 products alone (its shapes): {ms['49 products']:.2f} ms"
+                )
+            for name in models:
+                ratios = [a / b for a, b in zip(rounds[name], rounds["floor int8"])]
+                figures[f"{name}_to_floor"] = float(np.median(ratios))
+                print(
+                    f"  {name:8} {ms[name]:.2f} ms/token = {np.median(ratios):.2f}x the int8 "
+                    f"floor (median of the rounds' ratios; "
+                    f"{' '.join(f'{x:.2f}' for x in ratios)})"
                 )
 
         print(f"\nAgreement with fp32 ({len(prompts)} prompts x {args.new_tokens} greedy tokens):")
