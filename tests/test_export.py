@@ -187,7 +187,8 @@ def test_export_computes_what_tf2onnx_from_function_computes(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from tutorial.export import run_export_stage
+    from tutorial.export import quantize_int8, run_export_stage
+    from tutorial.onnx_surgery import simplify_decoder
 
     def python(code: str, *args: Path) -> None:
         cmd = [sys.executable, "-c", code, *map(str, args)]
@@ -224,6 +225,24 @@ def test_export_computes_what_tf2onnx_from_function_computes(tmp_path):
             logits, cache = plain.run(None, {k: feeds[k] for k in ("input_ids", "attention_mask")})
             np.testing.assert_allclose(logits, want[1], rtol=0, atol=1e-6)
             np.testing.assert_allclose(cache, want[2], rtol=0, atol=1e-6)
+        # the int8 model's graph (tutorial.export.quantize_int8): fewer nodes, same results
+        simplified = onnx.load(str(new))
+        done = simplify_decoder(simplified)
+        ops = Counter(n.op_type for n in simplified.graph.node)
+        assert done["layer_norms"] == ops["LayerNormalization"] == 5  # 2 layers x 2, ln_f
+        assert done["linear_reshapes"] == 8
+        assert done["weights_made_2d"] == 0  # assemble made the LM head's weight 2-D
+        assert "GlobalAveragePool" not in ops and done["nodes_after"] < done["nodes_before"] * 0.6
+        feeds["attention_mask"][1, 0] = 0  # a padded row too
+        want = ours.run(["logits", "present"], feeds)
+        small = ort.InferenceSession(simplified.SerializeToString())
+        for got, expected in zip(small.run(["logits", "present"], feeds), want):
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    int8 = tmp_path / "with_past_int8.onnx"
+    assert quantize_int8(new, int8)["simplified"]["nodes_after"] == done["nodes_after"]
+    assert not list(tmp_path.glob("*.simplified.onnx"))
+    logits, _ = ort.InferenceSession(str(int8)).run(["logits", "present"], feeds)
+    assert logits.shape == want[0].shape and np.isfinite(logits).all()
 
     # A batch of rows with different cache lengths: the shorter row is padded on the left with
     # mask 0 and must compute what it computes alone (its positions come from its mask).

@@ -342,3 +342,288 @@ def trim_to_last_logits(full: Path, output: Path) -> dict[str, Any]:
     del model
     onnx.checker.check_model(str(output))
     return onnx_signature(output)
+
+
+# --------------------------------------------------------------------------------------------
+# Fewer nodes for the decode step (the int8 model's, see tutorial.export.quantize_int8)
+#
+# A decode step reads every weight once, but the exported graph also runs ~1,400 small nodes
+# (tf2onnx's shape arithmetic, LayerNorm as eleven ops), each costing a few microseconds of
+# dispatch: as much as the int8 matrix products themselves. These rewrites keep the results
+# (to float rounding) and use only standard ONNX ops (LayerNormalization is opset 17), so
+# any onnxruntime that loads the file, Triton's included, runs the smaller graph.
+
+
+def _producers(graph: Any) -> dict[str, Any]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _consumers(graph: Any) -> dict[str, list[Any]]:
+    users: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _sole_user(users: dict[str, list[Any]], name: str, op_type: str) -> Any:
+    found = users.get(name, [])
+    return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+
+
+def _constant(initializers: dict[str, Any], name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(initializers[name]) if name in initializers else None
+
+
+def fuse_layer_norms(graph: Any) -> int:
+    """Replace TensorFlow's LayerNorm (``moments`` + ``batchnorm``: GlobalAveragePool, Sub,
+    Mul, GlobalAveragePool, Add, Sqrt, Reciprocal, four Mul/Sub, Add) by one
+    LayerNormalization over the last axis. Returns how many were replaced."""
+    from onnx import helper
+
+    users = _consumers(graph)
+    inits = {i.name: i for i in graph.initializer}
+    replaced: dict[str, Any] = {}
+    for pool in graph.node:
+        if pool.op_type != "GlobalAveragePool":
+            continue
+        x, mean = pool.input[0], pool.output[0]
+        mean_users = users.get(mean, [])
+        sub = next(
+            (u for u in mean_users if u.op_type == "Sub" and list(u.input) == [x, mean]), None
+        )
+        mean_mul = next((u for u in mean_users if u.op_type == "Mul"), None)
+        if len(mean_users) != 2 or sub is None or mean_mul is None:
+            continue
+        square = _sole_user(users, sub.output[0], "Mul")
+        if square is None or list(square.input) != [sub.output[0]] * 2:
+            continue
+        var = _sole_user(users, square.output[0], "GlobalAveragePool")
+        add_eps = var and _sole_user(users, var.output[0], "Add")
+        eps_name = add_eps and next((i for i in add_eps.input if i != var.output[0]), None)
+        eps = _constant(inits, eps_name) if eps_name else None
+        sqrt = add_eps and _sole_user(users, add_eps.output[0], "Sqrt")
+        recip = sqrt and _sole_user(users, sqrt.output[0], "Reciprocal")
+        scale = recip and _sole_user(users, recip.output[0], "Mul")
+        if eps is None or eps.size != 1 or scale is None:
+            continue
+        gamma = next(i for i in scale.input if i != recip.output[0])
+        scale_users = users.get(scale.output[0], [])
+        x_mul = next(
+            (u for u in scale_users if u.op_type == "Mul" and set(u.input) == {x, scale.output[0]}),
+            None,
+        )
+        if (
+            gamma not in inits
+            or x_mul is None
+            or len(scale_users) != 2
+            or mean_mul not in scale_users
+            or set(mean_mul.input) != {mean, scale.output[0]}
+        ):
+            continue
+        shift = _sole_user(users, mean_mul.output[0], "Sub")
+        if shift is None or shift.input[1] != mean_mul.output[0] or shift.input[0] not in inits:
+            continue
+        out = _sole_user(users, x_mul.output[0], "Add")
+        if out is None or set(out.input) != {x_mul.output[0], shift.output[0]}:
+            continue
+        replaced[out.output[0]] = helper.make_node(
+            "LayerNormalization",
+            [x, gamma, shift.input[0]],
+            [out.output[0]],
+            name=f"{out.name}/LayerNormalization",
+            axis=-1,
+            epsilon=float(eps.reshape(-1)[0]),
+        )
+    nodes = [replaced.get(n.output[0], n) if n.output else n for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    prune_unused(graph)
+    return len(replaced)
+
+
+def _slices_dim(node: Any, dim: int, x: str, inits: dict[str, Any], producers: dict) -> bool:
+    """Whether ``node`` is ``Slice(Cast*(Shape(x)), [dim], [dim + 1], axes [0])``."""
+    if node is None or node.op_type != "Slice" or len(node.input) not in (3, 4):
+        return False
+    starts, ends = _constant(inits, node.input[1]), _constant(inits, node.input[2])
+    axes = _constant(inits, node.input[3]) if len(node.input) == 4 else np.array([0])
+    if starts is None or ends is None or axes is None:
+        return False
+    if [list(starts), list(ends), list(axes)] != [[dim], [dim + 1], [0]]:
+        return False
+    shape = producers.get(node.input[0])
+    while shape is not None and shape.op_type == "Cast":
+        shape = producers.get(shape.input[0])
+    return (
+        shape is not None
+        and shape.op_type == "Shape"
+        and not shape.attribute
+        and shape.input[0] == x
+    )
+
+
+def drop_linear_reshapes(graph: Any) -> int:
+    """``x [B, n, K]`` → Reshape ``[-1, K]`` → MatMul W → Add b → Reshape to ``[B, n, N]``
+    (from ``Shape(x)``) becomes MatMul(x, W) + b: MatMul takes the 3-D input as it is, and the
+    shape arithmetic (seven nodes a linear layer) goes. Returns how many were rewritten."""
+    producers, users = _producers(graph), _consumers(graph)
+    inits = {i.name: i for i in graph.initializer}
+    renames: dict[str, str] = {}
+    for matmul in graph.node:
+        if matmul.op_type != "MatMul" or matmul.input[1] not in inits:
+            continue
+        w_dims = list(inits[matmul.input[1]].dims)
+        flatten = producers.get(matmul.input[0])
+        if len(w_dims) != 2 or flatten is None or flatten.op_type != "Reshape":
+            continue
+        flat_shape = _constant(inits, flatten.input[1])
+        if flat_shape is None or list(flat_shape) != [-1, w_dims[0]]:
+            continue
+        x = flatten.input[0]
+        bias = _sole_user(users, matmul.output[0], "Add")
+        unflatten = bias and _sole_user(users, bias.output[0], "Reshape")
+        if unflatten is None or unflatten.output[0] in {o.name for o in graph.output}:
+            continue
+        concat = producers.get(unflatten.input[1])
+        while concat is not None and concat.op_type == "Cast":
+            concat = producers.get(concat.input[0])
+        if concat is None or concat.op_type != "Concat" or len(concat.input) != 3:
+            continue
+        last = _constant(inits, concat.input[2])
+        if last is None or list(last) != [w_dims[1]]:
+            continue
+        if not all(
+            _slices_dim(producers.get(concat.input[d]), d, x, inits, producers) for d in (0, 1)
+        ):
+            continue
+        matmul.input[0] = x
+        renames[unflatten.output[0]] = bias.output[0]
+    for node in graph.node:
+        node.input[:] = [renames.get(i, i) for i in node.input]
+    prune_unused(graph)
+    return len(renames)
+
+
+def symbolic_shapes(model: Any) -> dict[str, tuple]:
+    """Every tensor's shape as onnxruntime's symbolic shape inference finds it (dims are ints
+    or names), for the tensors whose every dim it could name."""
+    from onnx import helper
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    # Infer on a copy without the large weights (graph inputs of the same shape instead).
+    skeleton = type(model)()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    graph = skeleton.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        if int(np.prod(init.dims)) > 4096:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+        else:
+            graph.initializer.append(init)
+    inferred = SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+    shapes: dict[str, tuple] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_param or d.dim_value for d in tensor.shape.dim)
+        if tensor.HasField("shape") and all(d not in ("", 0) for d in dims):
+            shapes[value.name] = dims
+    return shapes
+
+
+def share_shape_inputs(model: Any, shapes: dict[str, tuple]) -> int:
+    """Point every Shape node at the first tensor of the same symbolic shape (``shapes``, from
+    :func:`symbolic_shapes`), so each layer's identical shape arithmetic (the attention
+    mask's) becomes the same nodes and :func:`eliminate_common_subexpressions` keeps one.
+    Returns how many Shape nodes were re-pointed."""
+    first: dict[tuple, str] = {}
+    for node in model.graph.node:
+        for out in node.output:
+            if out in shapes:
+                first.setdefault(shapes[out], out)
+    moved = 0
+    for node in model.graph.node:
+        if node.op_type == "Shape" and node.input[0] in shapes:
+            canonical = first[shapes[node.input[0]]]
+            if canonical != node.input[0]:
+                node.input[0] = canonical
+                moved += 1
+    return moved
+
+
+def flatten_matmul_weights(graph: Any, shapes: dict[str, tuple]) -> int:
+    """A MatMul weight ``[1, K, N]`` times an input of rank 3 or more is the same product as
+    with the weight ``[K, N]``: make it 2-D (the LM head's, which tf2onnx left 3-D), so the
+    quantizer can give it one scale per column. Returns how many were changed."""
+    inits = {i.name: i for i in graph.initializer}
+    users = _consumers(graph)
+    changed = 0
+    for node in graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or len(weight.dims) != 3 or weight.dims[0] != 1:
+            continue
+        if len(shapes.get(node.input[0], ())) < 3 or len(users[weight.name]) != 1:
+            continue
+        dims = list(weight.dims)[1:]
+        del weight.dims[:]
+        weight.dims.extend(dims)  # the same bytes, row-major
+        changed += 1
+    return changed
+
+
+def eliminate_common_subexpressions(graph: Any) -> int:
+    """Merge equal small constants, then nodes with the same op, inputs and attributes.
+    Returns how many nodes were merged away."""
+    from onnx import numpy_helper
+
+    renames: dict[str, str] = {}
+    constants: dict[tuple, str] = {}
+    for init in graph.initializer:
+        if int(np.prod(init.dims)) <= 64:
+            key = (init.data_type, tuple(init.dims), numpy_helper.to_array(init).tobytes())
+            if constants.setdefault(key, init.name) != init.name:
+                renames[init.name] = constants[key]
+    outputs = {o.name for o in graph.output}
+    seen: dict[tuple, Any] = {}
+    kept = []
+    merged = 0
+    for node in graph.node:
+        node.input[:] = [renames.get(i, i) for i in node.input]
+        key = (
+            node.domain,
+            node.op_type,
+            tuple(node.input),
+            tuple(a.SerializeToString() for a in node.attribute),
+            len(node.output),
+        )
+        if key in seen and "Random" not in node.op_type and not set(node.output) & outputs:
+            renames.update(zip(node.output, seen[key].output))
+            merged += 1
+            continue
+        seen[key] = node
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    prune_unused(graph)
+    return merged
+
+
+def simplify_decoder(model: Any) -> dict[str, int]:
+    """All of the above on the decoder-with-past model, in place; returns what each did and
+    the node count before and after."""
+    before = len(model.graph.node)
+    done = {
+        "layer_norms": fuse_layer_norms(model.graph),
+        "linear_reshapes": drop_linear_reshapes(model.graph),
+    }
+    shapes = symbolic_shapes(model)
+    done["weights_made_2d"] = flatten_matmul_weights(model.graph, shapes)
+    done["shape_inputs_shared"] = share_shape_inputs(model, shapes)
+    done["nodes_merged"] = eliminate_common_subexpressions(model.graph)
+    return {**done, "nodes_before": before, "nodes_after": len(model.graph.node)}
