@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +50,41 @@ def memory_bandwidth(gb_per_thread: float = 0.25, repeats: int = 5) -> float:
     return best
 
 
+def matvec_bandwidth(weight_bytes: int, k: int, runs: int = 20, warmup: int = 3) -> dict:
+    """All-core read bandwidth the way a decode step reads its weights: an fp32 [1,K] x [K,N]
+    MatMul on onnxruntime (the in-process loop's session options), the [K,N] weight an
+    initializer of ``weight_bytes`` bytes. GB/s = weight bytes / median time of ``runs``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = max(1, round(weight_bytes / (4 * k)))
+    weight = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "matvec",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    del weight
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # loadable by the pinned onnxruntime (IR <= 10)
+    with tempfile.TemporaryDirectory(prefix="bench-matvec-") as tmp:
+        path = Path(tmp) / "matvec.onnx"
+        onnx.save(model, str(path))
+        del model
+        session = export.ort_session(path)
+    x = np.random.default_rng(1).standard_normal((1, k), dtype=np.float32)
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        session.run(["y"], {"x": x})
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    median = float(np.median(times))
+    return {"gb_s": 4 * k * n / median / 1e9, "median_ms": median * 1e3, "k": k, "n": n}
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -67,7 +104,59 @@ def floor_run(model: Path, prompt_ids: list[int], new_tokens: int, runs: int) ->
     return {"totals_s": totals, "decode_s": decode, "tokens": tokens}
 
 
-def generate_call(url: str, text: str, n: int) -> tuple[float, list[int]]:
+def tf_peer_child(out_path: Path, new_tokens: int, runs: int) -> None:
+    """In the child (``--tf-peer``): transformers' TensorFlow ``generate(do_sample=False)`` on
+    notebook 01's model, exactly ``new_tokens`` tokens; writes totals and tokens as JSON."""
+    from tutorial.model_source import load_tf_model, load_tokenizer
+
+    paths = common.paths()
+    start = time.perf_counter()
+    model = load_tf_model(paths["model_dir"])
+    load_s = time.perf_counter() - start
+    encoded = load_tokenizer(paths["vocab_dir"])(PROMPT, return_tensors="tf")
+    eos = model.config.eos_token_id
+
+    def generate(n: int) -> list[int]:
+        out = model.generate(
+            **encoded,
+            do_sample=False,
+            min_new_tokens=n,
+            max_new_tokens=n,
+            pad_token_id=eos,
+        )
+        return [int(t) for t in out[0].numpy()[encoded["input_ids"].shape[1] :]]
+
+    generate(3)  # warm-up
+    totals, tokens = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        tokens = generate(new_tokens)
+        totals.append(time.perf_counter() - start)
+    out_path.write_text(json.dumps({"totals_s": totals, "tokens": tokens, "load_s": load_s}))
+
+
+def tf_peer(new_tokens: int, runs: int, log_path: Path) -> dict | None:
+    """Run :func:`tf_peer_child` in a child process (TensorFlow's memory leaves with it);
+    ``None`` (and the log's tail printed) when it fails."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="bench-tf-") as tmp:
+        out = Path(tmp) / "tf.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--tf-peer", str(out)]
+        cmd += ["--new-tokens", str(new_tokens), "--runs", str(runs)]
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0 or not out.exists():
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+            print(f"TF peer failed (exit {done.returncode}); {log_path} ends with:\n{tail}")
+            return None
+        return json.loads(out.read_text())
+
+
+def generate_call(
+    url: str, text: str, n: int, session: Any = None, timeout: float = 60.0
+) -> tuple[float, list[int]]:
     from tutorial.client import infer_json
 
     payload = {
@@ -77,9 +166,175 @@ def generate_call(url: str, text: str, n: int) -> tuple[float, list[int]]:
         ]
     }
     start = time.perf_counter()
-    body = infer_json(url, "generate", payload)
+    body = infer_json(url, "generate", payload, session=session, timeout=timeout)
     elapsed = time.perf_counter() - start
     return elapsed, {o["name"]: o["data"] for o in body["outputs"]}["TOKEN_IDS"]
+
+
+GENERATE_CONFIG = "model_repository/generate/config.pbtxt"
+
+
+def set_config_parameter(text: str, key: str, value: str) -> str:
+    """``text`` (a config.pbtxt) with the string parameter ``key`` set to ``value``: an
+    existing ``parameters`` entry for ``key`` replaced, else one added at the end. Checked by
+    parsing the result with Triton's own schema."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    entry = f"parameters: {{\n  key: {json.dumps(key)}\n  value: {{ string_value: {json.dumps(value)} }}\n}}"
+    pattern = re.compile(
+        r"parameters\s*:?\s*\{\s*key\s*:\s*\""
+        + re.escape(key)
+        + r"\"\s*value\s*:?\s*\{[^{}]*\}\s*\}"
+    )
+    new, count = pattern.subn(lambda _m: entry, text)
+    if count == 0:
+        new = text.rstrip("\n") + "\n" + entry + "\n"
+    config = text_format.Parse(new, model_config_pb2.ModelConfig())
+    if count > 1 or config.parameters[key].string_value != value:  # a form the pattern missed
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        config.parameters[key].string_value = value
+        new = text_format.MessageToString(config)
+    return new
+
+
+def artifact_with_parameters(src: Path, dest: Path, params: dict[str, str]) -> Path:
+    """A copy of the artifact zip ``src`` whose generate config.pbtxt has ``params`` set; every
+    other entry (folder entries included) copied as it is. Checked with validate_artifact_zip."""
+    import shutil
+    import zipfile
+
+    from tutorial.repository import validate_artifact_zip
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for info in zin.infolist():
+            if info.filename == GENERATE_CONFIG:
+                text = zin.read(info).decode()
+                for key, value in params.items():
+                    text = set_config_parameter(text, key, value)
+                zout.writestr(info, text.encode())
+            elif info.is_dir():
+                zout.writestr(info, b"")
+            else:
+                with zin.open(info) as fin, zout.open(info, "w") as fout:
+                    shutil.copyfileobj(fin, fout, 16 << 20)
+        if GENERATE_CONFIG not in zin.namelist():
+            raise common.TutorialError(f"{src} has no {GENERATE_CONFIG}.")
+    validate_artifact_zip(dest)
+    return dest
+
+
+def concurrency_sweep(
+    url: str, levels: list[int], requests_per_client: int, new_tokens: int, reference: list[int]
+) -> list[dict]:
+    """C clients at once (threads, one requests.Session each, released together by a
+    barrier), each sending ``requests_per_client`` generate calls one after another, for
+    each C in ``levels``. Per level: every call's start (epoch s), latency (s) and token
+    count, the wall time (first start to last end), and how many calls' TOKEN_IDS differ
+    from ``reference``."""
+    import threading
+
+    import requests
+
+    def run_level(clients: int) -> list[tuple[float, float, list[int]]]:
+        barrier = threading.Barrier(clients)
+        lock = threading.Lock()
+        calls: list[tuple[float, float, list[int]]] = []
+        errors: list[BaseException] = []
+
+        def client() -> None:
+            session = requests.Session()
+            try:
+                barrier.wait()
+                for _ in range(requests_per_client):
+                    started = time.time()
+                    latency, tokens = generate_call(
+                        url, PROMPT, new_tokens, session=session, timeout=900
+                    )
+                    with lock:
+                        calls.append((started, latency, tokens))
+            except BaseException as exc:  # raised after the level
+                with lock:
+                    errors.append(exc)
+                barrier.abort()
+            finally:
+                session.close()
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return sorted(calls)
+
+    out = []
+    for clients in levels:
+        raw = run_level(clients)
+        calls = [
+            {"started_at": s, "latency_s": lat, "tokens": len(t), "same": t == reference}
+            for s, lat, t in raw
+        ]
+        wall = max(c["started_at"] + c["latency_s"] for c in calls) - calls[0]["started_at"]
+        latencies = [c["latency_s"] for c in calls]
+        tokens = sum(c["tokens"] for c in calls)
+        level = {
+            "clients": clients,
+            "calls": calls,
+            "wall_s": wall,
+            "tokens": tokens,
+            "tokens_per_s": tokens / wall,
+            "p50_s": pct(latencies, 50),
+            "p95_s": pct(latencies, 95),
+            "mismatches": sum(not c["same"] for c in calls),
+        }
+        print(
+            f"  {clients:2d} clients x {requests_per_client}: {level['tokens_per_s']:6.1f} tok/s, "
+            f"p50 {level['p50_s']:.2f} s, p95 {level['p95_s']:.2f} s, "
+            f"{level['mismatches']} token mismatches",
+            flush=True,
+        )
+        for _, _, got in [c for c in raw if c[2] != reference][:3]:
+            print(f"    mismatch: got {got[:12]}... expected {reference[:12]}...", flush=True)
+        out.append(level)
+    return out
+
+
+def concurrency_runs(
+    artifact: Path,
+    levels: list[int],
+    requests_per_client: int,
+    new_tokens: int,
+    reference: list[int],
+    extra: dict[str, str],
+) -> dict:
+    """:func:`concurrency_sweep` against the artifact served as OCI serves it, twice: with
+    generate's ``inflight_batching`` "off", then "on" (each a copy of the zip)."""
+    from tutorial.triton_local import serve_artifact
+
+    out: dict = {}
+    for mode in ("off", "on"):
+        params = {**extra, "inflight_batching": mode}
+        with tempfile.TemporaryDirectory(prefix="bench-zip-", dir=common.workdir()) as tmp:
+            print(
+                f"concurrency, inflight_batching={mode}: writing the artifact copy ...", flush=True
+            )
+            copy = artifact_with_parameters(artifact, Path(tmp) / "model_artifact.zip", params)
+            server = serve_artifact(copy)
+            try:
+                print(f"  served in {server.started_s:.1f} s at {server.url}", flush=True)
+                _, first = generate_call(server.url, PROMPT, new_tokens, timeout=900)  # warm-up
+                out[mode] = {
+                    "params": params,
+                    "warmup_equals_reference": first == reference,
+                    "levels": concurrency_sweep(
+                        server.url, levels, requests_per_client, new_tokens, reference
+                    ),
+                }
+            finally:
+                server.stop()
+    return out
 
 
 def server_runs(repository: Path, new_tokens: int, runs: int, seed_loop: bool) -> dict:
@@ -131,8 +386,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-int8", action="store_true")
+    parser.add_argument("--tf-peer", type=Path, help=argparse.SUPPRESS)  # the child's output
     args = parser.parse_args()
     n, runs = args.new_tokens, args.runs
+    if args.tf_peer:
+        tf_peer_child(args.tf_peer, n, runs)
+        return
 
     paths = common.paths()
     model = common.model_info()
