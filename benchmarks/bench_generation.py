@@ -4,11 +4,16 @@ All in one run, on one machine, on the model notebooks 01-03 left in the work fo
   a) seed:      the seed's client loop (fixed) through `ensemble_model`: one HTTP call per token
   b) generate:  the server-side `generate` model: one call for all tokens, KV cache on the server
   c) floor:     the same greedy KV-cache loop on onnxruntime in this process, no server
-  d) b and c with the int8 model
-It prints per-token p50/p95, the total for N tokens, the ratios a/b, b/c and fp32/int8, the
-machine's all-core memory read bandwidth and the model's weight bytes (the decode floor), and
-writes rows to <workdir>/results/bench_generation.csv (tutorial.results schema, read by
-notebook 07) and a summary JSON beside it.
+  d) TF peer:   transformers' TensorFlow generate(do_sample=False) on the same weights, in a
+                child process (its memory leaves with it); its tokens checked against c)
+  b) and c) also with the int8 model.
+It prints per-token p50/p95, the total for N tokens and the ratios between the methods; the
+machine's all-core read bandwidth measured two ways (an fp32 matrix-vector product as large as
+a decode step's weights on onnxruntime, which the weight-read floors use, and np.sum); and a
+concurrency table: C clients at once against the artifact zip served as OCI serves it, with
+generate's `inflight_batching` parameter "off" and then "on". It writes rows to
+<workdir>/results/bench_generation.csv (tutorial.results schema, read by notebook 07) and a
+summary JSON beside it.
 
 Run: make bench   (or .venv/bin/python benchmarks/bench_generation.py --help)
 """
@@ -381,17 +386,53 @@ def server_runs(repository: Path, new_tokens: int, runs: int, seed_loop: bool) -
     return out
 
 
+def parse_levels(text: str) -> list[int]:
+    levels = [int(x) for x in text.split(",") if x.strip()]
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("client counts must be integers >= 1, e.g. 1,2,4")
+    return levels
+
+
+def parse_param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=50)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-int8", action="store_true")
+    parser.add_argument("--skip-tf", action="store_true", help="no TensorFlow generate() peer")
+    parser.add_argument("--skip-concurrency", action="store_true", help="no concurrency table")
+    parser.add_argument(
+        "--concurrency", type=parse_levels, default=[1, 2, 4, 8, 16], help="client counts: 1,2,4"
+    )
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument(
+        "--generate-param",
+        type=parse_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also set this generate config parameter in both concurrency runs "
+        "(e.g. max_batch=8, step_runner=bls); repeatable",
+    )
     parser.add_argument("--tf-peer", type=Path, help=argparse.SUPPRESS)  # the child's output
     args = parser.parse_args()
     n, runs = args.new_tokens, args.runs
+    if n < 2:
+        parser.error("--new-tokens must be >= 2 (decode time = N tokens minus the first)")
     if args.tf_peer:
         tf_peer_child(args.tf_peer, n, runs)
         return
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show at once under make
+    began = time.perf_counter()
+
+    def stage(text: str) -> None:
+        print(f"[{time.perf_counter() - began:5.0f} s] {text}", flush=True)
 
     paths = common.paths()
     model = common.model_info()
@@ -399,6 +440,10 @@ def main() -> None:
     repo_state = common.require_state("repository", "notebooks/03_model_repository.ipynb")
     if repo_state["variant"] != "fp32":
         raise common.TutorialError("Run notebook 03 with MODEL_VARIANT='fp32' before benchmarking.")
+    if not args.skip_concurrency and not paths["artifact_zip"].exists():
+        raise common.TutorialError(
+            f"No {paths['artifact_zip']}: run notebook 03 first, or pass --skip-concurrency."
+        )
     from tutorial.model_source import load_tokenizer
 
     prompt_ids = load_tokenizer(paths["vocab_dir"])(PROMPT)["input_ids"]
@@ -406,16 +451,27 @@ def main() -> None:
     if model["weights"] != "real":
         print("NOTE:", common.OFFLINE_BANNER)
 
+    stage("memory bandwidth: np.sum over large arrays, and an fp32 matvec on onnxruntime ...")
     bandwidth = memory_bandwidth()
     weight_bytes = {
         "fp32": export.weight_bytes_read_per_step(Path(onnx["with_past"]))["read_per_step"]
     }
-    print(f"memory read bandwidth, all {os.cpu_count()} cores: {bandwidth:.1f} GB/s")
+    matvec = matvec_bandwidth(weight_bytes["fp32"], int(model.get("n_embd") or 768))
+    cores = os.cpu_count()
+    print(
+        f"read bandwidth, all {cores} cores: matvec {matvec['gb_s']:.1f} GB/s "
+        f"([1,{matvec['k']}] x [{matvec['k']},{matvec['n']}] fp32 MatMul on onnxruntime, "
+        f"median {matvec['median_ms']:.1f} ms)  |  np.sum {bandwidth:.1f} GB/s"
+    )
 
     res: dict = {"fp32": {}, "int8": {}}
-    print("c) floor fp32 ...", flush=True)
+    stage("c) in-process onnxruntime loop fp32 ...")
     res["fp32"]["floor"] = floor_run(Path(onnx["with_past"]), prompt_ids, n, runs)
-    print("a) + b) local Triton fp32 ...", flush=True)
+    tf = None
+    if not args.skip_tf:
+        stage("TF generate() peer, in a child process ...")
+        tf = tf_peer(n, runs, paths["logs_dir"] / "bench_tf_peer.log")
+    stage("a) + b) local Triton fp32 ...")
     res["fp32"].update(server_runs(paths["repository"], n, runs, seed_loop=True))
     variants = ["fp32"]
     if not args.skip_int8 and onnx.get("with_past_int8"):
@@ -423,7 +479,7 @@ def main() -> None:
         weight_bytes["int8"] = export.weight_bytes_read_per_step(Path(onnx["with_past_int8"]))[
             "read_per_step"
         ]
-        print("c) floor int8 ...", flush=True)
+        stage("c) in-process onnxruntime loop int8 ...")
         res["int8"]["floor"] = floor_run(Path(onnx["with_past_int8"]), prompt_ids, n, runs)
         from tutorial.repository import assemble_repository
 
@@ -434,34 +490,75 @@ def main() -> None:
                 paths["vocab_dir"],
                 {"gpt2": paths["onnx_last"], "gpt2_with_past": Path(onnx["with_past_int8"])},
             )
-            print("b) local Triton int8 ...", flush=True)
+            stage("b) local Triton int8 ...")
             res["int8"].update(server_runs(repo, n, runs, seed_loop=False))
+    conc = None
+    if not args.skip_concurrency:
+        import zipfile
 
-    # ---- report ----
-    rows, summary = [], {"model": model, "bandwidth_gb_s": bandwidth, "weight_bytes": weight_bytes}
+        with zipfile.ZipFile(paths["artifact_zip"]) as zf:
+            code = zf.read("model_repository/generate/1/model.py").decode(errors="replace")
+        batching_in_code = "inflight_batching" in code
+        stage(
+            f"concurrency: {args.concurrency} clients x {args.requests_per_client} generate "
+            f"calls of {n} tokens, served from {paths['artifact_zip'].name} ..."
+        )
+        if not batching_in_code:
+            print(
+                "  NOTE: this artifact's generate/1/model.py does not read 'inflight_batching': "
+                "'on' and 'off' run the same code (rebuild the zip with notebook 03 once "
+                "in-flight batching is in)."
+            )
+        conc = concurrency_runs(
+            paths["artifact_zip"],
+            args.concurrency,
+            args.requests_per_client,
+            n,
+            res["fp32"]["generate"]["tokens"],
+            dict(args.generate_param),
+        )
+    stage("done measuring")
+    report(args, model, prompt_ids, res, variants, weight_bytes, bandwidth, matvec, tf, conc)
+    print(f"\nbench_generation: {time.perf_counter() - began:.0f} s in all")
+
+
+def report(
+    args: argparse.Namespace,
+    model: dict,
+    prompt_ids: list[int],
+    res: dict,
+    variants: list[str],
+    weight_bytes: dict,
+    bandwidth: float,
+    matvec: dict,
+    tf: dict | None,
+    conc: dict | None,
+) -> None:
+    """Print the tables and ratios; write the results CSV and the JSON summary."""
+    n, runs = args.new_tokens, args.runs
+    paths = common.paths()
+    rows: list[dict] = []
+    summary: dict = {
+        "model": model,
+        "new_tokens": n,
+        "runs": runs,
+        "bandwidth_gb_s": bandwidth,
+        "matvec_bandwidth_gb_s": matvec["gb_s"],
+        "matvec": matvec,
+        "weight_bytes": weight_bytes,
+    }
     device = common.machine_metadata()["cpu"]
     seed = res["fp32"]["seed"]
-    table = [("a) seed loop, ensemble", "fp32", seed["call_s"], seed["totals_s"])]
+    table = [("a) seed loop, ensemble", seed["call_s"], seed["totals_s"])]
     for v in variants:
-        table.append(
-            (
-                f"b) generate model, {v}",
-                v,
-                res[v]["generate"]["decode_s"],
-                res[v]["generate"]["totals_s"],
-            )
-        )
-        table.append(
-            (
-                f"c) in-process floor, {v}",
-                v,
-                res[v]["floor"]["decode_s"],
-                res[v]["floor"]["totals_s"],
-            )
-        )
+        gen, floor = res[v]["generate"], res[v]["floor"]
+        table.append((f"b) generate model, {v}", gen["decode_s"], gen["totals_s"]))
+        table.append((f"c) in-process floor, {v}", floor["decode_s"], floor["totals_s"]))
+    if tf:
+        table.append(("d) TF generate(), fp32", [t / n for t in tf["totals_s"]], tf["totals_s"]))
     print(f"\n{n} new tokens from a {len(prompt_ids)}-token prompt, {runs} runs each")
     print(f"{'method':30} {'per token p50':>14} {'p95':>8} {'total p50':>10}")
-    for name, _variant, per_token, totals in table:
+    for name, per_token, totals in table:
         print(
             f"{name:30} {pct(per_token, 50) * 1e3:11.1f} ms {pct(per_token, 95) * 1e3:5.1f} ms {pct(totals, 50):8.2f} s"
         )
@@ -470,29 +567,45 @@ def main() -> None:
             "per_token_ms_p95": pct(per_token, 95) * 1e3,
             "total_s_p50": pct(totals, 50),
         }
+    print(
+        "(per token: a) one ensemble call; b) (total - a 1-token call) / (N-1); c) each decode "
+        "step; d) total / N, prefill included)"
+    )
+    print(
+        f"\nread bandwidth, all {os.cpu_count()} cores: {matvec['gb_s']:.1f} GB/s fp32 matvec on "
+        f"onnxruntime (the floors below use it) | {bandwidth:.1f} GB/s np.sum"
+    )
     for variant in variants:
-        floor_ms = weight_bytes[variant] / (bandwidth * 1e9) * 1e3
+        floor_ms = weight_bytes[variant] / (matvec["gb_s"] * 1e9) * 1e3
+        sum_ms = weight_bytes[variant] / (bandwidth * 1e9) * 1e3
         summary[f"weight_read_floor_ms_{variant}"] = floor_ms
+        summary[f"weight_read_floor_ms_{variant}_np_sum"] = sum_ms
         print(
-            f"weight-read floor {variant}: {weight_bytes[variant] / 1e6:.0f} MB read per step (all weights but the gathered embedding tables) / {bandwidth:.1f} GB/s = {floor_ms:.1f} ms per token"
+            f"weight-read floor {variant}: {weight_bytes[variant] / 1e6:.0f} MB read per step (all weights but the gathered embedding tables) / {matvec['gb_s']:.1f} GB/s (matvec) = {floor_ms:.1f} ms per token"
         )
+        print(f"{'':19}{'(np.sum':>8} {bandwidth:.1f} GB/s: {sum_ms:.1f} ms per token)")
 
     def total(name: str) -> float:
         return summary[name]["total_s_p50"]
 
-    ratios = {
-        "a/b fp32": total("a) seed loop, ensemble") / total("b) generate model, fp32"),
-        "b/c fp32": total("b) generate model, fp32") / total("c) in-process floor, fp32"),
-        "c fp32 / weight-read floor": summary["c) in-process floor, fp32"]["per_token_ms_p50"]
-        / summary["weight_read_floor_ms_fp32"],
-    }
+    seed_name, tf_name = "a) seed loop, ensemble", "d) TF generate(), fp32"
+    ratios: dict[str, float] = {}
+    for v in variants:
+        gen, floor = f"b) generate model, {v}", f"c) in-process floor, {v}"
+        ratios[f"seed loop / generate {v}"] = total(seed_name) / total(gen)
+        if tf:
+            ratios[f"TF generate / generate {v}"] = total(tf_name) / total(gen)
+        ratios[f"generate {v} / in-process ort {v}"] = total(gen) / total(floor)
+        if tf:
+            ratios[f"TF generate / in-process ort {v}"] = total(tf_name) / total(floor)
+        ratios[f"in-process ort {v} / floor (matvec)"] = (
+            summary[floor]["per_token_ms_p50"] / summary[f"weight_read_floor_ms_{v}"]
+        )
     if "int8" in variants:
-        ratios["a/b int8"] = total("a) seed loop, ensemble") / total("b) generate model, int8")
-        ratios["b/c int8"] = total("b) generate model, int8") / total("c) in-process floor, int8")
         ratios["fp32/int8 (generate)"] = total("b) generate model, fp32") / total(
             "b) generate model, int8"
         )
-        ratios["fp32/int8 (floor)"] = total("c) in-process floor, fp32") / total(
+        ratios["fp32/int8 (in-process ort)"] = total("c) in-process floor, fp32") / total(
             "c) in-process floor, int8"
         )
         fp32_tokens, int8_tokens = res["fp32"]["floor"]["tokens"], res["int8"]["floor"]["tokens"]
@@ -503,10 +616,24 @@ def main() -> None:
         )
     same = res["fp32"]["generate"]["tokens"] == res["fp32"]["floor"]["tokens"]
     summary["generate_equals_floor_tokens"] = same
-    print(f"generate (server) tokens == floor (in-process) tokens: {same}")
-    print("\nratios (totals for the same number of tokens):")
+    print(f"generate (server) tokens == in-process onnxruntime tokens: {same}")
+    if tf:
+        ort_tokens = res["fp32"]["floor"]["tokens"]
+        agree = sum(a == b for a, b in zip(tf["tokens"], ort_tokens))
+        summary["tf_equals_floor_tokens"] = tf["tokens"] == ort_tokens
+        summary["tf_agreement"] = f"{agree}/{len(ort_tokens)}"
+        summary["tf_load_s"] = tf["load_s"]
+        print(
+            f"TF generate() tokens == in-process onnxruntime tokens: {tf['tokens'] == ort_tokens} "
+            f"({agree}/{len(ort_tokens)} agree)"
+        )
+        if 50256 in ort_tokens[:-1]:
+            print("  (the onnxruntime loop chose <|endoftext|>, which min_new_tokens forbids TF)")
+    elif not args.skip_tf:
+        print("TF generate() peer: failed, see logs/bench_tf_peer.log")
+    print("\nratios (totals for the same number of tokens; > 1: the first is slower):")
     for key, value in ratios.items():
-        print(f"  {key:28} {value:6.2f}")
+        print(f"  {key:40} {value:6.2f}")
     summary["ratios"] = ratios
     summary["server_start_s"] = res["fp32"]["start_s"]
     summary["runtime"] = res["fp32"]["runtime"]
@@ -580,6 +707,21 @@ def main() -> None:
                     "latency_ms": t * 1e3,
                 }
             )
+    if tf:
+        for i, t in enumerate(tf["totals_s"]):
+            rows.append(
+                {
+                    **base,
+                    "target": "inprocess-cpu",
+                    "method": "tf_generate",
+                    "new_tokens": n,
+                    "iteration": i,
+                    "latency_ms": t * 1e3,
+                    "notes": "transformers TF generate(do_sample=False), child process",
+                }
+            )
+    if conc:
+        rows += concurrency_report(conc, args, base, summary)
     out_dir = paths["results_dir"]
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = results.write_results(rows, out_dir / "bench_generation.csv")
@@ -587,6 +729,78 @@ def main() -> None:
     summary["weights"] = model["weights"]
     (out_dir / "bench_generation.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\nwrote {csv_path} and {out_dir / 'bench_generation.json'}")
+
+
+def concurrency_report(conc: dict, args: argparse.Namespace, base: dict, summary: dict) -> list:
+    """Print the concurrency table (batching off against on); return its results rows."""
+    n, per_client = args.new_tokens, args.requests_per_client
+    print(
+        f"\nconcurrent generate calls ({n} tokens each, {per_client} per client, all clients "
+        f"started together; fp32 artifact served as OCI serves it)"
+    )
+    extra = {k: v for k, v in conc["off"]["params"].items() if k != "inflight_batching"}
+    if extra:
+        print(f"generate parameters in both runs: {extra}")
+    print(
+        f"{'clients':>7} | {'off tok/s':>9} | {'off p50':>8} | {'off p95':>8} | "
+        f"{'on tok/s':>9} | {'on p50':>8} | {'on p95':>8} | {'on/off tok/s':>12}"
+    )
+    table = []
+    for off, on in zip(conc["off"]["levels"], conc["on"]["levels"]):
+        speedup = on["tokens_per_s"] / off["tokens_per_s"]
+        print(
+            f"{off['clients']:7d} | {off['tokens_per_s']:9.1f} | {off['p50_s']:7.2f}s | "
+            f"{off['p95_s']:7.2f}s | {on['tokens_per_s']:9.1f} | {on['p50_s']:7.2f}s | "
+            f"{on['p95_s']:7.2f}s | {speedup:12.2f}"
+        )
+        table.append(
+            {
+                "clients": off["clients"],
+                **{
+                    f"{mode}_{key}": level[key]
+                    for mode, level in (("off", off), ("on", on))
+                    for key in ("tokens_per_s", "p50_s", "p95_s", "wall_s", "mismatches")
+                },
+                "on_off_tokens_per_s": speedup,
+            }
+        )
+    mismatches = {mode: sum(lv["mismatches"] for lv in conc[mode]["levels"]) for mode in conc}
+    calls = {mode: sum(len(lv["calls"]) for lv in conc[mode]["levels"]) for mode in conc}
+    for mode in ("off", "on"):
+        print(
+            f"inflight_batching={mode}: {mismatches[mode]}/{calls[mode]} responses' TOKEN_IDS "
+            f"differ from the single-request tokens (warm-up request equal: "
+            f"{conc[mode]['warmup_equals_reference']})"
+        )
+    summary["concurrency"] = {
+        "new_tokens": n,
+        "requests_per_client": per_client,
+        "params": {mode: conc[mode]["params"] for mode in conc},
+        "table": table,
+        "mismatches": mismatches,
+        "calls": calls,
+    }
+    rows = []
+    for mode in ("off", "on"):
+        for level in conc[mode]["levels"]:
+            for i, call in enumerate(level["calls"]):
+                rows.append(
+                    {
+                        **base,
+                        "target": "local-cpu",
+                        "method": "generate_concurrent",
+                        "sweep": f"concurrency_batching_{mode}",
+                        "new_tokens": call["tokens"],
+                        "concurrency": level["clients"],
+                        "iteration": i,
+                        "started_at": call["started_at"],
+                        "latency_ms": call["latency_s"] * 1e3,
+                        "notes": f"inflight_batching={mode}, {level['clients']} clients x "
+                        f"{per_client} requests"
+                        + ("" if call["same"] else ", TOKEN_IDS differ from single request"),
+                    }
+                )
+    return rows
 
 
 if __name__ == "__main__":
