@@ -237,13 +237,18 @@ def artifact_with_parameters(src: Path, dest: Path, params: dict[str, str]) -> P
 
 
 def concurrency_sweep(
-    url: str, levels: list[int], requests_per_client: int, new_tokens: int, reference: list[int]
+    url: str,
+    levels: list[int],
+    requests_per_client: int,
+    new_tokens: int,
+    reference: list[int],
+    out: list[dict] | None = None,
 ) -> list[dict]:
     """C clients at once (threads, one requests.Session each, released together by a
     barrier), each sending ``requests_per_client`` generate calls one after another, for
     each C in ``levels``. Per level: every call's start (epoch s), latency (s) and token
     count, the wall time (first start to last end), and how many calls' TOKEN_IDS differ
-    from ``reference``."""
+    from ``reference``. Each level is appended to ``out`` (returned) as soon as it is done."""
     import threading
 
     import requests
@@ -281,7 +286,7 @@ def concurrency_sweep(
             raise errors[0]
         return sorted(calls)
 
-    out = []
+    out = [] if out is None else out
     for clients in levels:
         raw = run_level(clients)
         calls = [
@@ -332,20 +337,26 @@ def concurrency_runs(
             print(
                 f"concurrency, inflight_batching={mode}: writing the artifact copy ...", flush=True
             )
-            copy = artifact_with_parameters(artifact, Path(tmp) / "model_artifact.zip", params)
-            server = serve_artifact(copy)
+            done: list[dict] = []
+            out[mode] = {"params": params, "levels": done, "warmup_equals_reference": None}
+            server = None
             try:
+                copy = artifact_with_parameters(artifact, Path(tmp) / "model_artifact.zip", params)
+                server = serve_artifact(copy)
                 print(f"  served in {server.started_s:.1f} s at {server.url}", flush=True)
                 _, first = generate_call(server.url, PROMPT, new_tokens, timeout=900)  # warm-up
-                out[mode] = {
-                    "params": params,
-                    "warmup_equals_reference": first == reference,
-                    "levels": concurrency_sweep(
-                        server.url, levels, requests_per_client, new_tokens, reference
-                    ),
-                }
+                out[mode]["warmup_equals_reference"] = first == reference
+                concurrency_sweep(
+                    server.url, levels, requests_per_client, new_tokens, reference, out=done
+                )
+            except Exception as exc:  # the rest of the benchmark still reports
+                out[mode]["error"] = f"{type(exc).__name__}: {exc}"
+                print(f"  FAILED with inflight_batching={mode}: {out[mode]['error']}", flush=True)
+                if server is not None:
+                    print(f"  server log ends with:\n{server.log_tail(15)}", flush=True)
             finally:
-                server.stop()
+                if server is not None:
+                    server.stop()
     return out
 
 
@@ -768,25 +779,31 @@ def concurrency_report(conc: dict, args: argparse.Namespace, base: dict, summary
         f"{'clients':>7} | {'off tok/s':>9} | {'off p50':>8} | {'off p95':>8} | "
         f"{'on tok/s':>9} | {'on p50':>8} | {'on p95':>8} | {'on/off tok/s':>12}"
     )
+    by_clients = {mode: {lv["clients"]: lv for lv in conc[mode]["levels"]} for mode in conc}
     table = []
-    for off, on in zip(conc["off"]["levels"], conc["on"]["levels"]):
-        speedup = on["tokens_per_s"] / off["tokens_per_s"]
-        print(
-            f"{off['clients']:7d} | {off['tokens_per_s']:9.1f} | {off['p50_s']:7.2f}s | "
-            f"{off['p95_s']:7.2f}s | {on['tokens_per_s']:9.1f} | {on['p50_s']:7.2f}s | "
-            f"{on['p95_s']:7.2f}s | {speedup:12.2f}"
-        )
-        table.append(
-            {
-                "clients": off["clients"],
-                **{
-                    f"{mode}_{key}": level[key]
-                    for mode, level in (("off", off), ("on", on))
-                    for key in ("tokens_per_s", "p50_s", "p95_s", "wall_s", "mismatches")
-                },
-                "on_off_tokens_per_s": speedup,
-            }
-        )
+    for clients in sorted(set(by_clients["off"]) | set(by_clients["on"])):
+        off, on = by_clients["off"].get(clients), by_clients["on"].get(clients)
+        cells = []
+        for level in (off, on):
+            if level is None:
+                cells += [f"{'-':>9}", f"{'-':>8}", f"{'-':>8}"]
+            else:
+                cells += [
+                    f"{level['tokens_per_s']:9.1f}",
+                    f"{level['p50_s']:7.2f}s",
+                    f"{level['p95_s']:7.2f}s",
+                ]
+        speedup = on["tokens_per_s"] / off["tokens_per_s"] if off and on else None
+        cells.append(f"{speedup:12.2f}" if speedup else f"{'-':>12}")
+        print(f"{clients:7d} | " + " | ".join(cells))
+        row: dict = {"clients": clients, "on_off_tokens_per_s": speedup}
+        for mode, level in (("off", off), ("on", on)):
+            for key in ("tokens_per_s", "p50_s", "p95_s", "wall_s", "mismatches"):
+                row[f"{mode}_{key}"] = level[key] if level else None
+        table.append(row)
+    for mode in ("off", "on"):
+        if conc[mode].get("error"):
+            print(f"inflight_batching={mode} FAILED: {conc[mode]['error']}")
     mismatches = {mode: sum(lv["mismatches"] for lv in conc[mode]["levels"]) for mode in conc}
     calls = {mode: sum(len(lv["calls"]) for lv in conc[mode]["levels"]) for mode in conc}
     for mode in ("off", "on"):
@@ -799,6 +816,7 @@ def concurrency_report(conc: dict, args: argparse.Namespace, base: dict, summary
         "new_tokens": n,
         "requests_per_client": per_client,
         "params": {mode: conc[mode]["params"] for mode in conc},
+        "errors": {mode: conc[mode].get("error") for mode in conc},
         "table": table,
         "mismatches": mismatches,
         "calls": calls,
