@@ -343,7 +343,11 @@ def concurrency_runs(
             try:
                 copy = artifact_with_parameters(artifact, Path(tmp) / "model_artifact.zip", params)
                 server = serve_artifact(copy)
-                print(f"  served in {server.started_s:.1f} s at {server.url}", flush=True)
+                print(
+                    f"  served in {server.started_s:.1f} s at {server.url} "
+                    f"(load {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
                 _, first = generate_call(server.url, PROMPT, new_tokens, timeout=900)  # warm-up
                 out[mode]["warmup_equals_reference"] = first == reference
                 concurrency_sweep(
@@ -450,7 +454,9 @@ def main() -> None:
     began = time.perf_counter()
 
     def stage(text: str) -> None:
-        print(f"[{time.perf_counter() - began:5.0f} s] {text}", flush=True)
+        # the 1-minute load average: other work on the machine shows in every figure
+        load = os.getloadavg()[0]
+        print(f"[{time.perf_counter() - began:5.0f} s, load {load:4.1f}] {text}", flush=True)
 
     paths = common.paths()
     model = common.model_info()
