@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tutorial import common, export, results  # noqa: E402
 from tutorial.client import text_loop  # noqa: E402
+from tutorial.repository import artifact_with_parameters  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PROMPT = "My dog is cute, but he barks a lot."
@@ -183,59 +183,6 @@ def generate_call(
     return elapsed, {o["name"]: o["data"] for o in body["outputs"]}["TOKEN_IDS"]
 
 
-GENERATE_CONFIG = "model_repository/generate/config.pbtxt"
-
-
-def set_config_parameter(text: str, key: str, value: str) -> str:
-    """``text`` (a config.pbtxt) with the string parameter ``key`` set to ``value``: an
-    existing ``parameters`` entry for ``key`` replaced, else one added at the end. Checked by
-    parsing the result with Triton's own schema."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    entry = f"parameters: {{\n  key: {json.dumps(key)}\n  value: {{ string_value: {json.dumps(value)} }}\n}}"
-    pattern = re.compile(
-        r"parameters\s*:?\s*\{\s*key\s*:\s*\""
-        + re.escape(key)
-        + r"\"\s*value\s*:?\s*\{[^{}]*\}\s*\}"
-    )
-    new, count = pattern.subn(lambda _m: entry, text)
-    if count == 0:
-        new = text.rstrip("\n") + "\n" + entry + "\n"
-    config = text_format.Parse(new, model_config_pb2.ModelConfig())
-    if count > 1 or config.parameters[key].string_value != value:  # a form the pattern missed
-        config = text_format.Parse(text, model_config_pb2.ModelConfig())
-        config.parameters[key].string_value = value
-        new = text_format.MessageToString(config)
-    return new
-
-
-def artifact_with_parameters(src: Path, dest: Path, params: dict[str, str]) -> Path:
-    """A copy of the artifact zip ``src`` whose generate config.pbtxt has ``params`` set; every
-    other entry (folder entries included) copied as it is. Checked with validate_artifact_zip."""
-    import shutil
-    import zipfile
-
-    from tutorial.repository import validate_artifact_zip
-
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
-        for info in zin.infolist():
-            if info.filename == GENERATE_CONFIG:
-                text = zin.read(info).decode()
-                for key, value in params.items():
-                    text = set_config_parameter(text, key, value)
-                zout.writestr(info, text.encode())
-            elif info.is_dir():
-                zout.writestr(info, b"")
-            else:
-                with zin.open(info) as fin, zout.open(info, "w") as fout:
-                    shutil.copyfileobj(fin, fout, 16 << 20)
-        if GENERATE_CONFIG not in zin.namelist():
-            raise common.TutorialError(f"{src} has no {GENERATE_CONFIG}.")
-    validate_artifact_zip(dest)
-    return dest
-
-
 def concurrency_sweep(
     url: str,
     levels: list[int],
@@ -341,7 +288,9 @@ def concurrency_runs(
             out[mode] = {"params": params, "levels": done, "warmup_equals_reference": None}
             server = None
             try:
-                copy = artifact_with_parameters(artifact, Path(tmp) / "model_artifact.zip", params)
+                copy = artifact_with_parameters(
+                    artifact, Path(tmp) / "model_artifact.zip", ["generate"], params
+                )
                 server = serve_artifact(copy)
                 print(
                     f"  served in {server.started_s:.1f} s at {server.url} "

@@ -55,9 +55,6 @@ class MixingRunner:
         self.rows_per_step = []
         self.fail_at_step = fail_at_step
 
-    def empty(self, shape):
-        return np.zeros(shape, dtype=np.float32)
-
     def numpy(self, cache):
         return cache
 

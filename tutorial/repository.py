@@ -458,14 +458,18 @@ def artifact_with_parameters(
     output.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(zip_path) as source, zipfile.ZipFile(output, "w") as copy:
         for info in source.infolist():
-            data = source.read(info)
             if info.filename in targets:
-                config = text_format.Parse(data.decode(), model_config_pb2.ModelConfig())
+                text = source.read(info).decode()
+                config = text_format.Parse(text, model_config_pb2.ModelConfig())
                 for key, value in parameters.items():
                     config.parameters[key].string_value = value
-                data = text_format.MessageToString(config).encode()
+                copy.writestr(info, text_format.MessageToString(config).encode())
                 found.add(targets[info.filename])
-            copy.writestr(info, data)
+            elif info.is_dir():
+                copy.writestr(info, b"")
+            else:  # streamed: the ONNX files are hundreds of MB
+                with source.open(info) as fin, copy.open(info, "w") as fout:
+                    shutil.copyfileobj(fin, fout, 16 << 20)
     missing = sorted(set(models) - found)
     if missing:
         raise TutorialError(f"{zip_path} has no config for {missing}")

@@ -97,9 +97,6 @@ class BlsRunner:
         self.step_model = step_model
         self.shm_available = shm_available
 
-    def empty(self, shape):
-        return np.zeros(shape, dtype=np.float32)
-
     def numpy(self, cache):
         return cache if isinstance(cache, np.ndarray) else cache.as_numpy()
 
@@ -177,9 +174,6 @@ class SessionRunner:
             f"generate: onnxruntime {ort.__version__} runs {self.path.parent.parent.name}/"
             f"{self.path.parent.name}/{self.path.name} in-process on {self.device}"
         )
-
-    def empty(self, shape):
-        return np.zeros(shape, dtype=np.float32)
 
     def numpy(self, cache):
         return cache if isinstance(cache, np.ndarray) else cache.numpy()
@@ -331,7 +325,7 @@ class Engine:
         try:
             ids = np.asarray([job.prompt], dtype=np.int32)
             mask = np.ones((1, len(job.prompt)), dtype=np.int32)
-            logits, present = self.runner.run(ids, mask, self.runner.empty(shape))
+            logits, present = self.runner.run(ids, mask, np.zeros(shape, np.float32))
             self.advance(job, int(np.argmax(logits[0])))
         except Exception as exc:
             job.finish(exc)
