@@ -233,11 +233,18 @@ def test_export_computes_what_tf2onnx_from_function_computes(tmp_path):
         assert done["linear_reshapes"] == 8
         assert done["weights_made_2d"] == 0  # assemble made the LM head's weight 2-D
         assert "GlobalAveragePool" not in ops and done["nodes_after"] < done["nodes_before"] * 0.6
+        # each layer's attention is one contrib Attention node (the int8 model's QAttention)
+        assert done["attentions"] == ops["Attention"] == 2 and "Softmax" not in ops
         feeds["attention_mask"][1, 0] = 0  # a padded row too
         want = ours.run(["logits", "present"], feeds)
         small = ort.InferenceSession(simplified.SerializeToString())
-        for got, expected in zip(small.run(["logits", "present"], feeds), want):
-            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+        got = small.run(["logits", "present"], feeds)
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5)
+        # The cache where the mask is 1. A padded position attends to nothing real (every key
+        # it may see is masked), so what it caches is arbitrary (TF's graph and the Attention
+        # op break that tie differently) and no real token ever reads it.
+        real = feeds["attention_mask"][None, None, :, None, :, None].astype(bool)
+        np.testing.assert_allclose(got[1] * real, want[1] * real, rtol=0, atol=1e-5)
     int8 = tmp_path / "with_past_int8.onnx"
     assert quantize_int8(new, int8)["simplified"]["nodes_after"] == done["nodes_after"]
     assert not list(tmp_path.glob("*.simplified.onnx"))

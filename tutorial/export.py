@@ -294,9 +294,10 @@ def quantize_int8(fp32: Path, output: Path, simplify: bool = True) -> dict[str, 
     onnxruntime fuses each into one DynamicQuantizeMatMul (VNNI's u8 x s8 product). First
     the graph is made smaller (:func:`tutorial.onnx_surgery.simplify_decoder`, ``simplify``):
     a decode step reads 124 MB of int8 weights in about 4 ms, and the export's ~1,500 small
-    nodes cost about as much again. The file stays standard ONNX, so Triton's onnxruntime
-    backend runs the same graph. Returns the file's signature, with ``simplified`` (what the
-    rewrite did) when it ran.
+    nodes cost about as much again. Each layer's attention becomes onnxruntime's contrib
+    ``Attention`` op (``QAttention`` once quantized), so the file is for onnxruntime (Triton's
+    onnxruntime backend, the in-process loops), like the int8 kernels themselves. Returns the
+    file's signature, with ``simplified`` (what the rewrite did) when it ran.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic

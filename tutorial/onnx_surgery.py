@@ -350,8 +350,9 @@ def trim_to_last_logits(full: Path, output: Path) -> dict[str, Any]:
 # A decode step reads every weight once, but the exported graph also runs ~1,400 small nodes
 # (tf2onnx's shape arithmetic, LayerNorm as eleven ops), each costing a few microseconds of
 # dispatch: as much as the int8 matrix products themselves. These rewrites keep the results
-# (to float rounding) and use only standard ONNX ops (LayerNormalization is opset 17), so
-# any onnxruntime that loads the file, Triton's included, runs the smaller graph.
+# (to float rounding). All but the last use only standard ONNX ops (LayerNormalization is
+# opset 17); the last, fuse_attention, writes onnxruntime's contrib Attention op, which every
+# onnxruntime build has (Triton's onnxruntime backend included) and other runtimes do not.
 
 
 def _producers(graph: Any) -> dict[str, Any]:
@@ -614,9 +615,193 @@ def eliminate_common_subexpressions(graph: Any) -> int:
     return merged
 
 
-def simplify_decoder(model: Any) -> dict[str, int]:
-    """All of the above on the decoder-with-past model, in place; returns what each did and
-    the node count before and after."""
+def _graph_inputs_behind(graph: Any, name: str, producers: dict[str, Any]) -> set[str] | None:
+    """The graph inputs whose values ``name`` depends on (a ``Shape`` node depends on its
+    input's shape only, so the walk stops there); None when it cannot tell (a cycle, a name
+    nothing produces)."""
+    inputs, inits = {i.name for i in graph.input}, {i.name for i in graph.initializer}
+    found: set[str] = set()
+    todo, seen = [name], set()
+    while todo:
+        current = todo.pop()
+        if current in seen or current in inits or not current:
+            continue
+        seen.add(current)
+        if current in inputs:
+            found.add(current)
+            continue
+        node = producers.get(current)
+        if node is None:
+            return None
+        if node.op_type != "Shape":
+            todo.extend(node.input)
+    return found
+
+
+def fuse_attention(model: Any) -> int:
+    """Each layer's self-attention, as tf2onnx writes transformers' TF GPT-2 (the q/k/v
+    product, split into heads, the cache concatenated, scaled scores, the causal and the
+    padding masks, softmax, the weighted sum, heads merged: about 25 nodes, plus the cache's
+    squeeze and stack), becomes one ``com.microsoft.Attention`` node: the same product, the
+    layer's ``[2, batch, heads, past, head_size]`` cache in, the grown cache out,
+    ``unidirectional=1`` for the causal mask and the ``attention_mask`` input as its 2-D
+    ``mask_index`` (a masked key gets the same -10000 GPT-2 adds). ``quantize_dynamic`` then
+    makes it a ``QAttention`` (int8 q/k/v weights). onnxruntime (Triton's backend included)
+    ships these contrib ops; plain ONNX runtimes do not, which is why only the int8 model
+    (onnxruntime, CPU shapes) gets this. Returns how many layers were fused; every match is
+    checked op by op, anything else is left as it was."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    producers, users = _producers(graph), _consumers(graph)
+    inits = {i.name: i for i in graph.initializer}
+    past = next((i for i in graph.input if i.name == "past"), None)
+    dims = _dims(past) if past is not None else []
+    if len(dims) != 6 or dims[3] <= 0 or dims[5] <= 0:
+        return 0
+    heads, head_size = dims[3], dims[5]
+
+    def made_by(name: str, op_type: str) -> Any:
+        node = producers.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def one_of(node: Any, op_type: str) -> tuple[Any, list[str]]:
+        """The input of ``node`` made by an ``op_type`` node, and the other inputs."""
+        for k, name in enumerate(node.input):
+            found = made_by(name, op_type)
+            if found is not None:
+                return found, [x for j, x in enumerate(node.input) if j != k]
+        return None, []
+
+    def attr(node: Any, name: str, default: Any = None) -> Any:
+        found = [helper.get_attribute_value(a) for a in node.attribute if a.name == name]
+        return found[0] if found else default
+
+    def transposed(name: str, perm: list[int]) -> Any:
+        node = made_by(name, "Transpose")
+        return node if node is not None and list(attr(node, "perm", [])) == perm else None
+
+    def split_heads(name: str) -> str | None:
+        """``Transpose(0,2,1,3)(Reshape(x to [.., .., heads, head_size]))`` -> x."""
+        reshape = (t := transposed(name, [0, 2, 1, 3])) and made_by(t.input[0], "Reshape")
+        shape = reshape and _constant(inits, reshape.input[1])
+        ok = shape is not None and list(shape[-2:]) == [heads, head_size]
+        return reshape.input[0] if ok else None
+
+    def cache_half(name: str) -> tuple[str, int] | None:
+        """``Squeeze(Split(cache, axis 0)[i])`` -> (cache, i)."""
+        squeeze = made_by(name, "Squeeze")
+        split = squeeze and made_by(squeeze.input[0], "Split")
+        if split is None or attr(split, "axis", 0) != 0 or len(split.output) != 2:
+            return None
+        return split.input[0], list(split.output).index(squeeze.input[0])
+
+    fused: dict[str, Any] = {}  # the q/k/v MatMul's output -> the Attention node before it
+    gone: set[str] = set()  # outputs whose old producers the Attention nodes replace
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        masked = made_by(softmax.input[0], "Add")
+        causal, padding = one_of(masked, "Sub") if masked is not None else (None, [])
+        if causal is None or len(padding) != 1:
+            continue
+        if _graph_inputs_behind(graph, padding[0], producers) != {"attention_mask"}:
+            continue
+        kept = made_by(causal.input[0], "Mul")  # scores * causal - 10000 * (1 - causal)
+        scaled, band = one_of(kept, "Mul") if kept is not None else (None, [])
+        if scaled is None or len(band) != 1:
+            continue
+        if _graph_inputs_behind(graph, band[0], producers) != set():  # shapes only
+            continue
+        if _graph_inputs_behind(graph, causal.input[1], producers) != set():
+            continue
+        scores, scale = one_of(scaled, "MatMul")
+        scale_value = _constant(inits, scale[0]) if len(scale) == 1 else None
+        if scores is None or scale_value is None or scale_value.size != 1:
+            continue
+        if not np.isclose(float(scale_value.reshape(())), 1 / np.sqrt(head_size)):
+            continue
+        keys_t = transposed(scores.input[1], [0, 1, 3, 2])
+        keys = keys_t and made_by(keys_t.input[0], "Concat")
+        weighted = users.get(softmax.output[0], [])
+        if keys is None or len(weighted) != 1 or weighted[0].op_type != "MatMul":
+            continue
+        values = made_by(weighted[0].input[1], "Concat")
+        if values is None or weighted[0].input[0] != softmax.output[0]:
+            continue
+        if attr(keys, "axis") != 2 or attr(values, "axis") != 2:
+            continue
+        past_k, past_v = cache_half(keys.input[0]), cache_half(values.input[0])
+        if past_k is None or past_v is None or past_k[0] != past_v[0]:
+            continue
+        if (past_k[1], past_v[1]) != (0, 1):
+            continue
+        q, k, v = (split_heads(x) for x in (scores.input[0], keys.input[1], values.input[1]))
+        split = q and made_by(q, "Split")
+        if split is None or list(split.output) != [q, k, v] or len(split.input) != 1:
+            continue
+        biased = made_by(split.input[0], "Add")
+        product, bias = one_of(biased, "MatMul") if biased is not None else (None, [])
+        if product is None or product.input[1] not in inits or len(bias) != 1:
+            continue
+        weight, bias_value = inits[product.input[1]], _constant(inits, bias[0])
+        width = heads * head_size
+        if list(weight.dims) != [width, 3 * width] or bias_value is None:
+            continue
+        if bias_value.size != 3 * width or attr(split, "axis") not in (2, -1):
+            continue
+        merged_t = [u for u in users.get(weighted[0].output[0], []) if u.op_type == "Transpose"]
+        if len(merged_t) != 1 or list(attr(merged_t[0], "perm", [])) != [0, 2, 1, 3]:
+            continue
+        merged = users.get(merged_t[0].output[0], [])
+        if len(merged) != 1 or merged[0].op_type != "Reshape":
+            continue
+        stacked = [
+            c
+            for u in users.get(keys.output[0], [])
+            if u.op_type == "Unsqueeze"
+            for c in users.get(u.output[0], [])
+            if c.op_type == "Concat" and attr(c, "axis") == 0 and list(c.input[:1]) == [u.output[0]]
+        ]
+        if len(stacked) != 1 or len(stacked[0].input) != 2:
+            continue
+        tail = made_by(stacked[0].input[1], "Unsqueeze")
+        if tail is None or tail.input[0] != values.output[0]:
+            continue
+        bias_1d = f"{bias[0]}/1d"
+        if bias_1d not in inits:
+            inits[bias_1d] = numpy_helper.from_array(bias_value.reshape(-1), bias_1d)
+            graph.initializer.append(inits[bias_1d])
+        outputs = [merged[0].output[0], stacked[0].output[0]]
+        fused[product.output[0]] = helper.make_node(
+            "Attention",
+            [product.input[0], product.input[1], bias_1d, "attention_mask", past_k[0]],
+            outputs,
+            name=f"{softmax.name}/Attention",
+            domain="com.microsoft",
+            num_heads=heads,
+            unidirectional=1,
+        )
+        gone.update(outputs)
+        for name in outputs:  # onnx's shape inference does not know contrib ops
+            graph.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    if not fused:
+        return 0
+    nodes = []
+    for node in graph.node:
+        if node.output and node.output[0] in fused:
+            nodes.append(fused[node.output[0]])
+        if not (node.output and node.output[0] in gone):
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    prune_unused(graph)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(fused)
+
+
+def simplify_decoder(model: Any, attention: bool = True) -> dict[str, int]:
+    """All of the above on the decoder-with-past model, in place (:func:`fuse_attention` when
+    ``attention``); returns what each did and the node count before and after."""
     before = len(model.graph.node)
     done = {
         "layer_norms": fuse_layer_norms(model.graph),
@@ -626,4 +811,6 @@ def simplify_decoder(model: Any) -> dict[str, int]:
     done["weights_made_2d"] = flatten_matmul_weights(model.graph, shapes)
     done["shape_inputs_shared"] = share_shape_inputs(model, shapes)
     done["nodes_merged"] = eliminate_common_subexpressions(model.graph)
+    if attention:
+        done["attentions"] = fuse_attention(model)
     return {**done, "nodes_before": before, "nodes_after": len(model.graph.node)}
