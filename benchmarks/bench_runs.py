@@ -53,9 +53,18 @@ def ratio(summary: dict[str, Any], name: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", type=Path, nargs="+", help="bench_generation.json files")
-    runs = [load(p) for p in parser.parse_args().runs]
+    parser.add_argument(
+        "--latency", type=int, metavar="N", help="also run N's per-request p50/p95 (1 = first)"
+    )
+    args = parser.parse_args()
+    runs = [load(p) for p in args.runs]
+    if args.latency is not None and not 1 <= args.latency <= len(runs):
+        sys.exit(f"--latency {args.latency}: there are runs 1 to {len(runs)}")
+    tokens = {r.get("new_tokens") for r in runs}
+    if len(tokens) != 1:
+        sys.exit(f"the runs made different numbers of tokens ({sorted(map(str, tokens))})")
     head = " | ".join(f"run {i + 1}" for i in range(len(runs)))
-    print(f"| 50 tokens from a 12-token prompt, per token p50 | {head} |")
+    print(f"| {tokens.pop()} new tokens, per token p50 | {head} |")
     print("|---" * (len(runs) + 1) + "|")
     for key, label in METHODS:
         cells = [f"{r[key]['per_token_ms_p50']:.1f} ms" if key in r else "-" for r in runs]
@@ -98,6 +107,26 @@ def main() -> None:
         bad, calls = sum(conc.get("mismatches", {}).values()), sum(conc.get("calls", {}).values())
         cells.append(f"{bad} of {calls}")
     print("| responses off the single-request tokens | " + " | ".join(cells) + " |")
+    if args.latency is not None:
+        latency_table(runs[args.latency - 1], args.latency)
+
+
+def latency_table(run: dict[str, Any], number: int) -> None:
+    """Run ``number``'s concurrency table with each request's latency p50 and p95."""
+    print(f"\nRun {number}, each request's latency:\n")
+    print("| clients | off: tok/s | p50 | p95 | on: tok/s | p50 | p95 | on/off |")
+    print("|---" * 8 + "|")
+    for row in run.get("concurrency", {}).get("table", []):
+        cells = [str(row["clients"])]
+        for mode in ("off", "on"):
+            if row[f"{mode}_tokens_per_s"] is None:
+                cells += ["-", "-", "-"]
+                continue
+            cells.append(f"{row[f'{mode}_tokens_per_s']:.1f}")
+            cells += [f"{row[f'{mode}_{q}_s']:.2f} s" for q in ("p50", "p95")]
+        speedup = row["on_off_tokens_per_s"]
+        cells.append(f"{speedup:.2f}" if speedup else "-")
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
