@@ -11,7 +11,8 @@ It prints per-token p50/p95, the total for N tokens and the ratios between the m
 machine's all-core read bandwidth measured two ways (an fp32 matrix-vector product as large as
 a decode step's weights on onnxruntime, which the weight-read floors use, and np.sum); and a
 concurrency table: C clients at once against the artifact zip served as OCI serves it, with
-generate's `inflight_batching` parameter "off" and then "on". It writes rows to
+generate's `inflight_batching` parameter "off" and "on" (two servers, alternating level by
+level). It writes rows to
 <workdir>/results/bench_generation.csv (tutorial.results schema, read by notebook 07) and a
 summary JSON beside it.
 
@@ -273,44 +274,66 @@ def concurrency_runs(
     reference: list[int],
     extra: dict[str, str],
 ) -> dict:
-    """:func:`concurrency_sweep` against the artifact served as OCI serves it, twice: with
-    generate's ``inflight_batching`` "off", then "on" (each a copy of the zip)."""
+    """:func:`concurrency_sweep` against the artifact served as OCI serves it, with generate's
+    ``inflight_batching`` "off" and "on" (each a copy of the zip, both servers up at once).
+    The two alternate level by level (off then on, then on then off at the next level), so a
+    slow minute on a shared machine weighs on both sides of a level's ratio, not on one."""
     from tutorial.triton_local import serve_artifact
 
     out: dict = {}
-    for mode in ("off", "on"):
-        params = {**extra, "inflight_batching": mode}
-        with tempfile.TemporaryDirectory(prefix="bench-zip-", dir=common.workdir()) as tmp:
-            print(
-                f"concurrency, inflight_batching={mode}: writing the artifact copy ...", flush=True
-            )
-            done: list[dict] = []
-            out[mode] = {"params": params, "levels": done, "warmup_equals_reference": None}
-            server = None
-            try:
-                copy = artifact_with_parameters(
-                    artifact, Path(tmp) / "model_artifact.zip", ["generate"], params
-                )
-                server = serve_artifact(copy)
+    servers: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-zip-", dir=common.workdir()) as tmp:
+        try:
+            for mode in ("off", "on"):
+                params = {**extra, "inflight_batching": mode}
+                out[mode] = {"params": params, "levels": [], "warmup_equals_reference": None}
                 print(
-                    f"  served in {server.started_s:.1f} s at {server.url} "
-                    f"(load {os.getloadavg()[0]:.1f})",
+                    f"concurrency, inflight_batching={mode}: writing the artifact copy ...",
                     flush=True,
                 )
-                _, first = generate_call(server.url, PROMPT, new_tokens, timeout=900)  # warm-up
-                out[mode]["warmup_equals_reference"] = first == reference
-                concurrency_sweep(
-                    server.url, levels, requests_per_client, new_tokens, reference, out=done
-                )
-            except Exception as exc:  # the rest of the benchmark still reports
-                out[mode]["error"] = f"{type(exc).__name__}: {exc}"
-                print(f"  FAILED with inflight_batching={mode}: {out[mode]['error']}", flush=True)
-                if server is not None:
-                    print(f"  server log ends with:\n{server.log_tail(15)}", flush=True)
-            finally:
-                if server is not None:
-                    server.stop()
+                try:
+                    copy = artifact_with_parameters(
+                        artifact, Path(tmp) / f"{mode}.zip", ["generate"], params
+                    )
+                    servers[mode] = server = serve_artifact(copy)
+                    print(
+                        f"  served in {server.started_s:.1f} s at {server.url} "
+                        f"(load {os.getloadavg()[0]:.1f})",
+                        flush=True,
+                    )
+                    _, first = generate_call(server.url, PROMPT, new_tokens, timeout=900)  # warm-up
+                    out[mode]["warmup_equals_reference"] = first == reference
+                except Exception as exc:  # the other setting still runs
+                    concurrency_failed(out[mode], mode, exc, servers.pop(mode, None))
+            for i, clients in enumerate(levels):
+                for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
+                    if mode not in servers:
+                        continue
+                    print(f"  inflight_batching={mode}:", flush=True)
+                    try:
+                        concurrency_sweep(
+                            servers[mode].url,
+                            [clients],
+                            requests_per_client,
+                            new_tokens,
+                            reference,
+                            out=out[mode]["levels"],
+                        )
+                    except Exception as exc:  # the rest of the benchmark still reports
+                        concurrency_failed(out[mode], mode, exc, servers.pop(mode))
+        finally:
+            for server in servers.values():
+                server.stop()
     return out
+
+
+def concurrency_failed(result: dict, mode: str, exc: Exception, server: Any) -> None:
+    """Record and print a failed concurrency setting; stop its server."""
+    result["error"] = f"{type(exc).__name__}: {exc}"
+    print(f"  FAILED with inflight_batching={mode}: {result['error']}", flush=True)
+    if server is not None:
+        print(f"  server log ends with:\n{server.log_tail(15)}", flush=True)
+        server.stop()
 
 
 def server_runs(repository: Path, new_tokens: int, runs: int, seed_loop: bool) -> dict:
@@ -725,7 +748,8 @@ def concurrency_report(conc: dict, args: argparse.Namespace, base: dict, summary
     n, per_client = args.new_tokens, args.requests_per_client
     print(
         f"\nconcurrent generate calls ({n} tokens each, {per_client} per client, all clients "
-        f"started together; fp32 artifact served as OCI serves it)"
+        "started together; fp32 artifact served as OCI serves it; off and on alternate level "
+        "by level)"
     )
     extra = {k: v for k, v in conc["off"]["params"].items() if k != "inflight_batching"}
     if extra:
