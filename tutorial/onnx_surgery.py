@@ -645,7 +645,9 @@ def fuse_attention(model: Any) -> int:
     squeeze and stack), becomes one ``com.microsoft.Attention`` node: the same product, the
     layer's ``[2, batch, heads, past, head_size]`` cache in, the grown cache out,
     ``unidirectional=1`` for the causal mask and the ``attention_mask`` input as its 2-D
-    ``mask_index`` (a masked key gets the same -10000 GPT-2 adds). ``quantize_dynamic`` then
+    ``mask_index`` (a masked key gets the same -10000 GPT-2 adds; a padded query position,
+    whose every key is masked, caches arbitrary values in either graph, and no real token
+    reads them). ``quantize_dynamic`` then
     makes it a ``QAttention`` (int8 q/k/v weights). onnxruntime (Triton's backend included)
     ships these contrib ops; plain ONNX runtimes do not, which is why only the int8 model
     (onnxruntime, CPU shapes) gets this. Returns how many layers were fused; every match is
