@@ -726,7 +726,7 @@ class OciStandIn:
         except (InvalidSignature, ValueError) as exc:
             raise reject("The signature does not match the request.") from exc
         when = email.utils.parsedate_to_datetime(h.headers.get("date") or h.headers["x-date"])
-        skew = abs((dt.datetime.now(dt.UTC) - when).total_seconds())
+        skew = abs((dt.datetime.now(dt.timezone.utc) - when).total_seconds())
         if skew > MAX_CLOCK_SKEW_S:
             raise reject(f"The date header is {skew:.0f} s off the server's clock (limit 300 s).")
         if h.headers.get("host") != f"127.0.0.1:{h.server.server_address[1]}":
@@ -765,7 +765,7 @@ class OciStandIn:
 
     @staticmethod
     def _now() -> dt.datetime:
-        return dt.datetime.now(dt.UTC)
+        return dt.datetime.now(dt.timezone.utc)
 
     def _page(
         self, items: list[Any], query: dict[str, str], summary: str, module: str = "data_science"
