@@ -42,6 +42,7 @@ from tutorial.export import (  # noqa: F401
     empty_past,
     export_stage_command,
     greedy_with_past,
+    int8_logit_error,
     onnx_signature,
     ort_logits,
     ort_session,

@@ -160,7 +160,8 @@ def test_every_export_runs_in_onnxruntime_1_19_2_and_matches_transformers(
     tiny_workdir, tiny_reference
 ):
     """The four exports load and run in the onnxruntime inside Triton 24.10: the plain export
-    and the last-logits model give TF's logits, the fp32 KV-cache model TF's greedy tokens."""
+    and the last-logits model give TF's logits, the fp32 KV-cache model TF's greedy tokens,
+    and the int8 one runs."""
     import onnxruntime
 
     from tutorial.client import reference_generate
@@ -178,13 +179,10 @@ def test_every_export_runs_in_onnxruntime_1_19_2_and_matches_transformers(
     expected = reference_generate(tf_model, tok, PROMPT, 20)
     fp32 = ort_session(Path(onnx["with_past"]))
     assert greedy_with_past(fp32, ids, 20) == expected
-    # int8 changes the weights, so its tokens are not transformers' exactly: it must load and
-    # run here, and agree where quantization leaves the argmax alone (the first tokens).
+    # int8 changes the numbers, so its tokens are not transformers' exactly: it must load and
+    # run here; tests/test_int8.py bounds what it computes, on this CPU and on AVX2 kernels.
     int8 = ort_session(Path(onnx["with_past_int8"]))
-    int8_tokens = greedy_with_past(int8, ids, 20)
-    agree = next((i for i, (a, b) in enumerate(zip(int8_tokens, expected)) if a != b), 20)
-    print(f"int8 in onnxruntime 1.19.2: first {agree} of 20 greedy tokens equal transformers'")
-    assert len(int8_tokens) == 20 and agree >= 3
+    assert len(greedy_with_past(int8, ids, 20, eos_token_id=None)) == 20
 
 
 # --- the onnxruntime backend's load checks, applied by the local stand-in of that backend ---
