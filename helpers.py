@@ -68,12 +68,16 @@ from tutorial.measure import (  # noqa: F401
 )
 from tutorial.model_source import (  # noqa: F401
     build_random_model,
+    check_gpt2_architecture,
+    checkpoint_weights,
     count_parameters,
+    family_member,
     folder_size,
     hub_reachable,
     import_tensorflow,
     load_tf_model,
     load_tokenizer,
+    offline_size,
     offline_vocab_files,
     resolve_model_source,
     save_offline_vocab,
@@ -165,6 +169,8 @@ from tutorial.results import (  # noqa: F401
     summarize,
     write_results,
 )
+from tutorial.sizes import describe as describe_sizes  # noqa: F401
+from tutorial.sizes import max_batch, model_sizes, sizes_of  # noqa: F401
 from tutorial.triton_local import (  # noqa: F401
     NGC_IMAGE,
     TRITON_ONNXRUNTIME,

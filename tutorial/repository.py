@@ -99,6 +99,7 @@ def assemble_repository(
     dims), to show the learner.
     """
     from tutorial.export import onnx_signature
+    from tutorial.onnx_surgery import onnx_files
 
     if target.resolve() == template.resolve():
         raise TutorialError("Assemble into a separate folder; the committed template stays as is.")
@@ -118,7 +119,10 @@ def assemble_repository(
         if config.platform == "onnxruntime_onnx":
             if name not in onnx_models:
                 raise TutorialError(f"No ONNX file given for model '{name}'.")
-            shutil.copyfile(onnx_models[name], dest / "1" / "model.onnx")
+            model_file, *data_files = onnx_files(onnx_models[name])
+            shutil.copyfile(model_file, dest / "1" / "model.onnx")
+            for data in data_files:  # external data keeps its name: model.onnx refers to it
+                shutil.copyfile(data, dest / "1" / data.name)
             changes += model_dims_from_onnx(config, onnx_signature(onnx_models[name]))
             set_instance_kind(config, "KIND_AUTO")
         write_config(config, dest / "config.pbtxt")
@@ -345,7 +349,8 @@ def pack_artifact(repo: Path, zip_path: Path) -> dict[str, Any]:
             zf.writestr(info, b"")
         for path in files:
             arcname = Path("model_repository") / path.relative_to(repo)
-            method = zipfile.ZIP_STORED if path.suffix == ".onnx" else zipfile.ZIP_DEFLATED
+            weights = path.suffix in (".onnx", ".data")  # weights barely compress
+            method = zipfile.ZIP_STORED if weights else zipfile.ZIP_DEFLATED
             zf.write(path, arcname.as_posix(), compress_type=method)
             bar.update(path.stat().st_size)
     tmp.replace(zip_path)
