@@ -153,12 +153,13 @@ def tiny_state(tiny_workdir: Path):
 
 
 def without_entry(zip_path: Path, dest: Path, entry: str) -> Path:
-    """A copy of the artifact zip without one entry (written with zipfile, nothing else)."""
+    """A copy of the artifact zip without one entry and what it holds (written with zipfile,
+    nothing else)."""
     with zipfile.ZipFile(zip_path) as src, zipfile.ZipFile(dest, "w") as out:
         names = src.namelist()
         assert entry in names
         for info in src.infolist():
-            if info.filename != entry:
+            if not info.filename.startswith(entry):
                 out.writestr(info, src.read(info.filename))
     return dest
 
