@@ -75,6 +75,8 @@ MAX_CLOCK_SKEW_S = 300
 #: ``enforce_content_headers=False`` for them, as for Object Storage uploads).
 UNSIGNED_BODY_OPERATIONS = {"create_model_artifact"}
 BOOTSTRAP_FAILED = "Errors occurred while bootstrapping the Model Deployment."
+#: The port docker/Dockerfile's HEALTHCHECK asks (the image every test deployment plays).
+IMAGE_HEALTHCHECK_PORT = 8000
 IMAGE_ACCESS_FAILED = (
     "Unable to access the container image: Data Science found no authorized path to it in the "
     "tenancy (a missing resource principal policy, an incorrect image path, or an image that "
@@ -95,6 +97,9 @@ RULES = {
     "autoscale-vms-custom-metrics-steps.htm",
     "image": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
     "tshoot-model-deploy-byoc.htm",
+    "healthcheck": "SDK OcirModelDeploymentEnvironmentConfigurationDetails.health_check_port: "
+    "'The port on which the container HEALTHCHECK would listen'; docker/Dockerfile's "
+    "HEALTHCHECK asks 127.0.0.1:8000",
     "predict": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
     "model-dep-predict-endpoint.htm",
 }
@@ -1145,6 +1150,11 @@ class OciStandIn:
                 details, self._fail_next = self._fail_next, None
             elif problem := self._image_problem(deployment, env.image):
                 details = problem
+            elif health != IMAGE_HEALTHCHECK_PORT:
+                details = (  # RULES["healthcheck"]
+                    f"{BOOTSTRAP_FAILED} The image's HEALTHCHECK asks port "
+                    f"{IMAGE_HEALTHCHECK_PORT}, but health_check_port is {health}."
+                )
             elif port != env.server_port or health != port:
                 details = (
                     f"{BOOTSTRAP_FAILED} The health check on port {health} got no answer: "

@@ -25,7 +25,7 @@ from oci_standin import (
     make_test_credentials,
 )
 
-from tests.conftest import require_local_triton
+from tests.conftest import ROOT, require_local_triton
 from tutorial import oci_deploy as od
 from tutorial.common import TutorialError
 
@@ -423,6 +423,37 @@ def test_request_rules_checked_before_sending() -> None:
         "OCPU (24 GB)",
         "  - maximum_bandwidth_mbps=50: more than bandwidth_mbps=10 and at most twice it",
     ]
+
+
+def test_another_server_port_is_refused_for_the_images_healthcheck() -> None:
+    with pytest.raises(TutorialError) as err:
+        od.deployment_request(model_id="m", **request_kwargs(server_port=9000))
+    assert str(err.value).splitlines()[1:] == [
+        "  - health_check_port=9000: the image's HEALTHCHECK (docker/Dockerfile) asks "
+        "127.0.0.1:8000, and OCI monitors that HEALTHCHECK on the health-check port "
+        "(DOCS['sdk_env']): keep SERVER_PORT = 8000, or change the HEALTHCHECK line and rebuild "
+        "the image"
+    ]
+    instruction = (ROOT / "docker" / "Dockerfile").read_text().split("\nHEALTHCHECK ", 1)[1]
+    command = instruction.split("\n")[1]  # the line after the options
+    assert f"http://127.0.0.1:{od.IMAGE_HEALTHCHECK_PORT}/v2/health/ready " in command
+
+
+def test_service_fails_a_deployment_the_healthcheck_cannot_reach(
+    client, standin: OciStandIn, artifact: Path
+) -> None:
+    model = model_with_artifact(client, artifact)
+    details = od.deployment_request(model_id=model.id, **request_kwargs())
+    env = _env(details)
+    env.cmd = od.triton_command(9000)
+    env.server_port = env.health_check_port = 9000
+    deployment, work_request_id = od.create_deployment(client, details)
+    with pytest.raises(od.DeploymentFailed) as err:
+        od.wait_for_deployment(client, deployment.id, work_request_id, poll_s=0.01)
+    assert (
+        f"is FAILED: {BOOTSTRAP_FAILED} The image's HEALTHCHECK asks port 8000, but "
+        "health_check_port is 9000." in str(err.value)
+    )
 
 
 def test_autoscaling_rules_checked_before_sending() -> None:

@@ -93,6 +93,9 @@ FLEX_MAX_GB_PER_OCPU = 64
 #: seconds"; older .NET SDK pages (90.x) say 600. deployment_request uses 600, which meets both.
 AUTOSCALING_MIN_COOLDOWN_S = 300
 UPLOAD_CHUNK_BYTES = 1024 * 1024
+#: The port docker/Dockerfile's HEALTHCHECK asks; DOCS["sdk_env"]: health_check_port is "the
+#: port on which the container HEALTHCHECK would listen", so it must be this one.
+IMAGE_HEALTHCHECK_PORT = 8000
 FAILED_STATES = ("FAILED", "NEEDS_ATTENTION")
 
 
@@ -634,6 +637,13 @@ def check_deployment_request(details: Any) -> Any:
         )
     except TutorialError as exc:
         problems += [line[4:] for line in str(exc).splitlines()[1:]]
+    if env.health_check_port != IMAGE_HEALTHCHECK_PORT:
+        problems.append(
+            f"health_check_port={env.health_check_port}: the image's HEALTHCHECK "
+            f"(docker/Dockerfile) asks 127.0.0.1:{IMAGE_HEALTHCHECK_PORT}, and OCI monitors "
+            "that HEALTHCHECK on the health-check port (DOCS['sdk_env']): keep SERVER_PORT = "
+            f"{IMAGE_HEALTHCHECK_PORT}, or change the HEALTHCHECK line and rebuild the image"
+        )
     http_ports = [a.split("=", 1)[1] for a in env.cmd or [] if a.startswith("--http-port=")]
     if http_ports and http_ports[-1] != str(env.server_port):
         problems.append(
