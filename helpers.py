@@ -138,6 +138,7 @@ from tutorial.registry import (  # noqa: F401
     ocir_host,
     ocir_username,
     push_image,
+    push_region,
     record_image,
     registry_login,
     registry_logout,

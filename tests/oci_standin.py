@@ -26,8 +26,8 @@ answers the way OCI answers; each rule names its public source.
   none), waits for ``/v2/health/ready`` like OCI's health check, and only then turns ACTIVE.
   It ends FAILED, with Triton's own error lines in ``lifecycle_details``, when Triton exits;
   FAILED with "Unable to access the container image" when the image's repository is not in
-  the deployment's compartment (the compartment its ``read repos`` policy names) or does not
-  exist; FAILED when Triton would not answer the health check (ports). Deleting a deployment
+  the deployment's compartment (the compartment its ``read repos`` policy names), does not
+  exist in the image's region, or is in another region than the deployment (``RULES["region"]``); FAILED when Triton would not answer the health check (ports). Deleting a deployment
   stops its server; :meth:`OciStandIn.stop` stops all.
 - ``POST /{md_ocid}/predict`` works like ``CONTAINER_TYPE=TRITON``: it forwards the body to the
   deployment's ``/v2/models/{model_name}/versions/{model_version}/infer``. The model is picked
@@ -37,7 +37,9 @@ answers the way OCI answers; each rule names its public source.
   411; past the time limit: 500 (the service's 60 s timeout); no predict policy: 404
   ``NotAuthorizedOrNotFound`` (``deny_predict``).
 - Container Registry: ``create/list/get/delete_container_repository`` (private repositories
-  in a compartment; a name is unique in the tenancy's namespace: 409 otherwise).
+  in a compartment; a name is unique in the tenancy's namespace in a region: 409 otherwise).
+- Regions: ``url`` is the credentials' region; ``url_for(region)`` is another region's
+  endpoint. Repositories and deployments belong to the region whose endpoint created them.
 
 Knobs for error paths: :meth:`OciStandIn.fail_next_deployment`, :meth:`OciStandIn.answer_errors`,
 :meth:`OciStandIn.delay_predict`, :meth:`OciStandIn.deny_predict`. Anything it does not
@@ -97,6 +99,9 @@ RULES = {
     "autoscale-vms-custom-metrics-steps.htm",
     "image": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
     "tshoot-model-deploy-byoc.htm",
+    "region": "OCIR serves each region at its own endpoint (https://docs.oracle.com/iaas/"
+    "Content/Registry/Concepts/registryprerequisites.htm, Availability by Region); OCI documents no cross-region pull for model "
+    "deployments, so the stand-in fails one (stricter than known, not verified against OCI)",
     "healthcheck": "SDK OcirModelDeploymentEnvironmentConfigurationDetails.health_check_port: "
     "'The port on which the container HEALTHCHECK would listen'; docker/Dockerfile's "
     "HEALTHCHECK asks 127.0.0.1:8000",
@@ -347,6 +352,14 @@ def _require_ocid(value: str | None, kinds: tuple[str, ...], field: str) -> None
         )
 
 
+def _region_of_host(host: str) -> str:
+    """``iad.ocir.io`` (or ``us-ashburn-1.ocir.io``) -> ``us-ashburn-1``."""
+    from oci.regions import REGIONS_SHORT_NAMES  # region key -> region identifier
+
+    name = host.lower().removesuffix(".ocir.io")
+    return REGIONS_SHORT_NAMES.get(name, name)
+
+
 def _http_port(command: list[str]) -> int:
     """The HTTP port Triton listens on with this command line (its default is 8000)."""
     ports = [int(a.split("=", 1)[1]) for a in command if a.startswith("--http-port=")]
@@ -446,6 +459,10 @@ class OciStandIn:
         #: The image's CMD (docker/Dockerfile): what runs when a deployment gives no cmd.
         self.image_cmd = list(TRITON_CMD)
         self.namespace = namespace
+        #: The region of ``url``; ``url_for(region)`` serves another one. Container Registry
+        #: and deployments are regional: each repository and deployment keeps its region.
+        self.region = credentials.region
+        self.regions: dict[str, str] = {}  # repository or deployment OCID -> region
         self.polls_to_finish = polls_to_finish
         self.page_size = page_size
         self.predict_time_limit_s = predict_time_limit_s
@@ -490,6 +507,10 @@ class OciStandIn:
         """``http://127.0.0.1:<port>``: pass as ``service_endpoint``."""
         assert self._server is not None, "start() the stand-in first"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def url_for(self, region: str) -> str:
+        """The endpoint of ``region`` (``{region}`` in ``TUTORIAL_OCI_ENDPOINT`` becomes it)."""
+        return f"{self.url}/region/{region}"
 
     def start(self) -> OciStandIn:
         """Listen on a free loopback port in a background thread."""
@@ -550,10 +571,14 @@ class OciStandIn:
         """No policy lets the caller use /predict: 404 NotAuthorizedOrNotFound."""
         self._predict_allowed = not denied
 
-    def add_repository(self, compartment_id: str, display_name: str) -> Any:
+    def add_repository(
+        self, compartment_id: str, display_name: str, region: str | None = None
+    ) -> Any:
         """A container repository, as if created in the Console (tests' shortcut)."""
         with self.lock:
-            return self._new_repository(compartment_id, display_name, "tests")
+            return self._new_repository(
+                compartment_id, display_name, "tests", region or self.region
+            )
 
     # ---- helpers for tests
     def operations(self) -> list[str]:
@@ -603,6 +628,9 @@ class OciStandIn:
         parsed = urllib.parse.urlsplit(h.path)
         path = urllib.parse.unquote(parsed.path)
         query = dict(urllib.parse.parse_qsl(parsed.query))
+        region = self.region  # url_for(region): a region's own endpoint
+        if match := re.fullmatch(r"/region/([a-z0-9-]+)(/.*)", path):
+            region, path = match.groups()
         operation, params = "unhandled", {}
         for method, pattern, name in self.ROUTES:
             match = re.fullmatch(pattern, path)
@@ -624,7 +652,7 @@ class OciStandIn:
                 else:
                     handler = getattr(self, f"_op_{operation}")
                     status, payload, headers = handler(
-                        h=h, body=body_file, size=size, query=query, **params
+                        h=h, body=body_file, size=size, query=query, region=region, **params
                     )
                     if token:
                         self._retry_tokens[(operation, token)] = (status, payload, headers)
@@ -894,8 +922,15 @@ class OciStandIn:
             return self._json(200, summaries, **headers)
 
     # ---- Container Registry
-    def _new_repository(self, compartment_id: str, display_name: str, created_by: str) -> Any:
-        if any(r.display_name == display_name for r in self.repositories.values()):
+    def _new_repository(
+        self, compartment_id: str, display_name: str, created_by: str, region: str
+    ) -> Any:
+        if any(
+            r.display_name == display_name
+            and self.regions[r.id] == region
+            and r.lifecycle_state != "DELETED"
+            for r in self.repositories.values()
+        ):
             raise ApiError(
                 409,
                 "Conflict",
@@ -920,9 +955,12 @@ class OciStandIn:
             system_tags={},
         )
         self.repositories[repository.id] = repository
+        self.regions[repository.id] = region
         return repository
 
-    def _op_create_container_repository(self, *, h: Any, body: Any, **_: Any) -> tuple:
+    def _op_create_container_repository(
+        self, *, h: Any, body: Any, region: str, **_: Any
+    ) -> tuple:
         details = self._parse(body, "CreateContainerRepositoryDetails", "artifacts")
         _require_ocid(details.compartment_id, ("compartment", "tenancy"), "compartmentId")
         if not re.fullmatch(r"[a-z0-9]+(?:[._/-][a-z0-9]+)*", details.display_name):
@@ -931,19 +969,25 @@ class OciStandIn:
             )
         with self.lock:
             user = h.headers["Authorization"].split('keyId="')[1].split("/")[1]
-            repository = self._new_repository(details.compartment_id, details.display_name, user)
+            repository = self._new_repository(
+                details.compartment_id, details.display_name, user, region
+            )
             if details.is_public:
                 repository.is_public = True
             return self._json(200, repository)
 
-    def _op_list_container_repositories(self, *, query: dict[str, str], **_: Any) -> tuple:
+    def _op_list_container_repositories(
+        self, *, query: dict[str, str], region: str, **_: Any
+    ) -> tuple:
         if "compartmentId" not in query:
             raise ApiError(400, "MissingParameter", "compartmentId is required.")
         with self.lock:
             items = [
                 r
                 for r in self.repositories.values()
-                if r.compartment_id == query["compartmentId"] and r.lifecycle_state != "DELETED"
+                if r.compartment_id == query["compartmentId"]
+                and r.lifecycle_state != "DELETED"
+                and self.regions[r.id] == region
             ]
             summaries, headers = self._page(items, query, "ContainerRepositorySummary", "artifacts")
             collection = _models("artifacts").ContainerRepositoryCollection(
@@ -1102,9 +1146,11 @@ class OciStandIn:
     def _image_problem(self, deployment: Any, image: str) -> str | None:
         """Why the deployment's resource principal cannot pull ``image``, or None."""
         host_path = image.split("@")[0]
-        path = host_path.split("/", 1)[1]
+        host, path = host_path.split("/", 1)
         namespace, _, name = path.partition("/")
         name = name.rsplit(":", 1)[0]
+        image_region = _region_of_host(host)
+        deployment_region = self.regions[deployment.id]
         if namespace != self.namespace:
             return (
                 f"{IMAGE_ACCESS_FAILED} (stand-in: the namespace {namespace!r} is not this "
@@ -1114,12 +1160,19 @@ class OciStandIn:
             (
                 r
                 for r in self.repositories.values()
-                if r.display_name == name and r.lifecycle_state != "DELETED"
+                if r.display_name == name
+                and r.lifecycle_state != "DELETED"
+                and self.regions[r.id] == image_region
             ),
             None,
         )
         if repository is None:
-            return f"{IMAGE_ACCESS_FAILED} (stand-in: no repository {name!r}.)"
+            return f"{IMAGE_ACCESS_FAILED} (stand-in: no repository {name!r} in {image_region}.)"
+        if image_region != deployment_region:  # RULES["region"]
+            return (
+                f"{IMAGE_ACCESS_FAILED} (stand-in: the image is in {image_region}'s registry "
+                f"({host}); the deployment is in {deployment_region}.)"
+            )
         if repository.compartment_id != deployment.compartment_id:
             return (
                 f"{IMAGE_ACCESS_FAILED} (stand-in: repository {name!r} is in compartment "
@@ -1197,7 +1250,7 @@ class OciStandIn:
         thread.start()
         return thread
 
-    def _op_create_model_deployment(self, *, h: Any, body: Any, **_: Any) -> tuple:
+    def _op_create_model_deployment(self, *, h: Any, body: Any, region: str, **_: Any) -> tuple:
         details = self._parse(body, "CreateModelDeploymentDetails")
         with self.lock:
             entry = self._check_deployment(details)
@@ -1218,6 +1271,7 @@ class OciStandIn:
                 defined_tags=details.defined_tags or {},
             )
             self.deployments[deployment_id] = deployment
+            self.regions[deployment_id] = region
             work = self._start_work_request("MODEL_DEPLOYMENT_CREATE", deployment)
         env = details.model_deployment_configuration_details.environment_configuration_details
         work["thread"] = self._background(self._bring_up, work, entry["artifact"]["path"], env)

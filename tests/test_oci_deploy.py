@@ -1035,6 +1035,33 @@ def test_image_out_of_the_policy_fails_the_deployment(
     assert standin.containers == {}
 
 
+def test_repositories_and_deployments_are_regional(
+    auth: od.OciAuth, client, standin: OciStandIn, artifact: Path, monkeypatch
+) -> None:
+    """A repository made through Frankfurt's endpoint exists only there; an image in another
+    region than the deployment fails it."""
+    monkeypatch.setenv(od.ENDPOINT_OVERRIDE_ENV, standin.url_for("{region}"))
+    fra = od.OciAuth("api_key", dict(auth.config, region="eu-frankfurt-1"), auth.signer)
+    from tutorial import registry
+
+    registry.ensure_container_repository(od.artifacts_client(fra), COMPARTMENT, "fra-only")
+    iad = od.artifacts_client(auth).list_container_repositories(compartment_id=COMPARTMENT)
+    assert [r.display_name for r in iad.data.items] == ["gpt2-triton"]
+    model = model_with_artifact(client, artifact)
+    for image, detail in (
+        ("iad.ocir.io/standinns/fra-only:1", "no repository 'fra-only' in us-ashburn-1."),
+        (
+            "fra.ocir.io/standinns/fra-only:1",
+            "the image is in eu-frankfurt-1's registry (fra.ocir.io); the deployment is in "
+            "us-ashburn-1.",
+        ),
+    ):
+        with pytest.raises(od.DeploymentFailed) as err:
+            deploy(client, model.id, image=image)
+        assert f"is FAILED: {IMAGE_ACCESS_FAILED} (stand-in: {detail})" in str(err.value)
+    assert standin.containers == {}
+
+
 def test_region_mismatch_is_explained() -> None:
     assert od.image_region_problem(IMAGE, "us-ashburn-1") is None
     assert od.image_region_problem("us-ashburn-1.ocir.io/ns/r:1", "us-ashburn-1") is None

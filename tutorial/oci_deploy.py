@@ -179,17 +179,21 @@ def try_oci_auth(
     return auth, f"Authenticated with the {auth.describe()}."
 
 
-def service_endpoint(explicit: str | None = None) -> str | None:
+def service_endpoint(explicit: str | None = None, region: str | None = None) -> str | None:
     """The endpoint to give an SDK client: ``explicit``, else ``$TUTORIAL_OCI_ENDPOINT`` (tests
-    point it at the loopback stand-in), else ``None`` (the region's endpoint)."""
-    return explicit or os.environ.get(ENDPOINT_OVERRIDE_ENV) or None
+    point it at the loopback stand-in; ``{region}`` in it becomes the client's region, as a
+    real endpoint names its region), else ``None`` (the region's endpoint)."""
+    endpoint = explicit or os.environ.get(ENDPOINT_OVERRIDE_ENV) or None
+    if endpoint and "{region}" in endpoint:
+        endpoint = endpoint.replace("{region}", region or "")
+    return endpoint
 
 
 def _client_kwargs(
     auth: OciAuth, endpoint: str | None, retry_strategy: Any, timeout: tuple[float, float]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     kwargs: dict[str, Any] = {"signer": auth.signer, "timeout": timeout}
-    endpoint = service_endpoint(endpoint)
+    endpoint = service_endpoint(endpoint, auth.region)
     if endpoint:
         kwargs["service_endpoint"] = endpoint
     if retry_strategy is not None:
@@ -433,7 +437,7 @@ def region_key(region: str) -> str:
 
 
 def image_region_problem(image: str, region: str | None) -> str | None:
-    """A warning when the image's OCIR region differs from the deployment's region, else None.
+    """Why the image cannot be deployed from ``region`` (its OCIR is another region's), or None.
 
     ``image`` is ``<region-key>.ocir.io/...`` (or ``<region-id>.ocir.io``); ``region`` is the
     region the Data Science client talks to.
@@ -447,8 +451,8 @@ def image_region_problem(image: str, region: str | None) -> str | None:
         return None
     return (
         f"The image is in OCIR of region '{image_key}' ({host}), but the deployment is created "
-        f"in '{region}' ({deploy_key}). Every instance pulls the image from that other region, "
-        "within the 20-minute pull limit, and the deployment's policy must reach it there. "
+        f"in '{region}' ({deploy_key}). Container Registry is regional, and OCI documents no "
+        "pull from another region's registry for model deployments. "
         f"Fix: push the image to {deploy_key}.ocir.io (notebook 05 with REGION='{deploy_key}') "
         f"and deploy that reference, or deploy in the image's region."
     )

@@ -145,6 +145,39 @@ def ocir_host(region: str) -> str:
     )
 
 
+def push_region(region: str, auth_region: str | None) -> str:
+    """The region to push to: ``region`` (a key or identifier), else the OCI credentials'.
+
+    Container Registry is regional: notebook 05 creates the repository with a client of the
+    credentials' region, and a push to another region's host would create a second repository
+    there, in the tenancy's root compartment (``ContainerConfiguration``), where the
+    deployment's policy does not reach. So a ``region`` other than ``auth_region`` is refused,
+    naming both, before anything is built. Returns the region key (``iad``).
+    """
+    from tutorial.oci_deploy import region_key
+
+    if not auth_region:
+        if not region:
+            raise TutorialError(
+                "No region: set REGION (a key such as 'iad') or give OCI credentials whose "
+                "config names a region."
+            )
+        return region_key(region)
+    if not region:
+        return region_key(auth_region)
+    if region_key(region) != region_key(auth_region):
+        raise TutorialError(
+            f"REGION={region!r} pushes to {ocir_host(region)}, but your OCI credentials talk "
+            f"to {auth_region} ({region_key(auth_region)}.ocir.io), where section 4 creates the "
+            "repository and notebook 06 deploys. Repositories are regional: the push would "
+            "create another repository, in the other region's root compartment, and the "
+            f"deployment could not read it. Set REGION = '' (or {region_key(auth_region)!r}), "
+            f"or use an OCI profile for {region_key(region)!r} here and in notebook 06. "
+            "Nothing was built or pushed."
+        )
+    return region_key(region)
+
+
 def ocir_username(namespace: str, user: str, identity_domain: str = "") -> str:
     """The login OCIR expects, checked: ``<namespace>/[<domain>/]<user>``.
 
