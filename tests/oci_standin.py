@@ -958,9 +958,7 @@ class OciStandIn:
         self.regions[repository.id] = region
         return repository
 
-    def _op_create_container_repository(
-        self, *, h: Any, body: Any, region: str, **_: Any
-    ) -> tuple:
+    def _op_create_container_repository(self, *, h: Any, body: Any, region: str, **_: Any) -> tuple:
         details = self._parse(body, "CreateContainerRepositoryDetails", "artifacts")
         _require_ocid(details.compartment_id, ("compartment", "tenancy"), "compartmentId")
         if not re.fullmatch(r"[a-z0-9]+(?:[._/-][a-z0-9]+)*", details.display_name):

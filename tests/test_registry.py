@@ -642,5 +642,7 @@ def test_notebook_refuses_another_region_before_the_build(tmp_path, monkeypatch)
     )
     assert "Nothing was built or pushed." in str(err.value)
     asked = calls.read_text().splitlines()
-    assert asked and all(line.split()[-3:-2] == ["version"] or line == "--version" for line in asked)
+    assert asked and all(
+        line.split()[-3:-2] == ["version"] or line == "--version" for line in asked
+    )
     assert "image" not in load_state()
