@@ -99,6 +99,11 @@ def write_minimal_inputs(work: Path, info: dict) -> Path:
     with zipfile.ZipFile(artifact, "w") as zf:
         zf.writestr("model_repository/ensemble_model/config.pbtxt", 'name: "ensemble_model"')
         zf.writestr("model_repository/MODEL_INFO.json", json.dumps(info))
+        zf.writestr(
+            "model_repository/generate/config.pbtxt",
+            'name: "generate"\nparameters: { key: "empty_past_shape" '
+            'value: { string_value: "2,2,1,2,0,32" } }\n',
+        )
     state = {
         "repository": {"artifact_zip": str(artifact)},
         "image": {"reference": IMAGE, "digest": DIGEST},
@@ -225,13 +230,14 @@ def test_notebook06_end_to_end(
     assert standin.containers == {}  # the clean-up stopped the server
     assert {r["status"] for r in standin.requests} <= {200, 202, 204}
     assert operations[:3] == ["create_model", "create_model_artifact", "create_model_deployment"]
-    # one call by hand, the 50-call loop, one generate call, the /dev/shm probe
-    assert operations.count("predict") == 53
-    assert (
-        forwarded
-        == ["models/ensemble_model/versions/1/infer"] * 51
-        + ["models/generate/versions/1/infer"] * 2
-    )
+    # one call by hand, the 50-call loop, one generate call (no /dev/shm probe: onnxruntime)
+    assert operations.count("predict") == 52
+    assert forwarded == ["models/ensemble_model/versions/1/infer"] * 51 + [
+        "models/generate/versions/1/infer"
+    ]
+    (sent,) = standin.deployments.values()
+    env = sent.model_deployment_configuration_details.environment_configuration_details
+    assert env.environment_variables == {"CONTAINER_TYPE": "TRITON", "SHM_SIZE": "1g"}
     for name in (
         "delete_model_deployment",
         "delete_model",
@@ -250,7 +256,7 @@ def test_notebook06_end_to_end(
     assert len(server_ids) == 50 or server_ids[-1] == EOS
     assert record["generate_text"] == tokenizer.decode(server_ids)
     assert record["deleted"] is True
-    assert record["shm_finding"] == "a full 1024-token context fits in this deployment's /dev/shm"
+    assert record["shm_finding"] == "step_runner 'onnxruntime': the KV cache does not use /dev/shm"
 
     text = outputs(out)
     assert "ERROR" not in text

@@ -975,6 +975,44 @@ def test_cleanup_finds_by_tag_or_prefix_and_dry_runs_first(
     assert od.find_tutorial_resources(client, COMPARTMENT, name_prefix="gpt2-triton") == []
 
 
+def _artifact_with_generate(path: Path, empty_past_shape: str, runner: str = "bls") -> Path:
+    config = "".join(
+        f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n'
+        for k, v in (
+            ("empty_past_shape", empty_past_shape),
+            ("max_context_tokens", "1024"),
+            ("shm_caches_per_step", "8"),
+            ("step_runner", runner),
+        )
+    )
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("model_repository/generate/config.pbtxt", f'name: "generate"\n{config}')
+    return path
+
+
+def test_shm_size_fits_the_longest_request(tmp_path: Path) -> None:
+    # GPT-2 124M: 72 KiB of cache per token, 1024 tokens, 8 caches = 576 MiB -> 1 GiB
+    size, why = od.shm_size_for_artifact(
+        _artifact_with_generate(tmp_path / "a.zip", "12,2,1,12,0,64")
+    )
+    assert (size, why) == (
+        "1g",
+        "1024 tokens x 72 KiB of KV cache per token x 8 caches = 576 MiB, rounded up to 1 GiB "
+        "(step_runner 'bls')",
+    )
+    # gpt2-large: 360 KiB per token -> 2880 MiB -> 3 GiB
+    large = _artifact_with_generate(tmp_path / "b.zip", "36,2,1,20,0,64", "onnxruntime")
+    assert od.shm_size_for_artifact(large)[0] == "3g"
+
+
+def test_shm_size_is_in_the_deployment_request(client, standin: OciStandIn, artifact: Path) -> None:
+    model = model_with_artifact(client, artifact)
+    deployment = deploy(client, model.id, shm_size="1g")
+    sent = standin.deployments[deployment.id].model_deployment_configuration_details
+    variables = sent.environment_configuration_details.environment_variables
+    assert variables == {"CONTAINER_TYPE": "TRITON", "SHM_SIZE": "1g"}
+
+
 def test_request_json_is_what_the_sdk_sends(client) -> None:
     details = od.deployment_request(model_id="ocid1.datasciencemodel.oc1.iad.m", **request_kwargs())
     body = json.loads(od.request_json(details))

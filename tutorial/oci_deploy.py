@@ -49,6 +49,9 @@ DOCS = {
     "policies": "https://docs.oracle.com/en-us/iaas/data-science/using/model-dep-policies-auth.htm",
     "troubleshoot": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
     "tshoot-model-deploy-byoc.htm",
+    # Oracle's BYOC samples set the container's /dev/shm with SHM_SIZE (not on DOCS["env"]).
+    "shm_sample": "https://github.com/oracle-samples/oci-data-science-ai-samples/blob/main/"
+    "model-deployment/containers/nim/README.md",
     # Oracle's public Triton sample: CONTAINER_TYPE=TRITON, headers model_name / model_version.
     "triton_sample": "https://github.com/oracle-samples/oci-data-science-ai-samples/blob/main/"
     "model-deployment/containers/Triton/Deploy%20ONNX%20model%20on%20Triton.md",
@@ -393,6 +396,43 @@ def artifact_model_info(zip_path: str | Path) -> dict[str, Any]:
         raise TutorialError(f"Cannot read {MODEL_INFO_ENTRY} from {zip_path}: {exc}") from exc
 
 
+def artifact_model_parameters(zip_path: str | Path, model: str = "generate") -> dict[str, str]:
+    """The ``parameters`` of one model's ``config.pbtxt`` in the artifact zip (what ships)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    entry = f"model_repository/{model}/config.pbtxt"
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            text = archive.read(entry).decode()
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    except (OSError, KeyError, zipfile.BadZipFile, text_format.ParseError) as exc:
+        raise TutorialError(f"Cannot read {entry} from {zip_path}: {exc}") from exc
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def shm_size_for_artifact(zip_path: str | Path) -> tuple[str, str]:
+    """``SHM_SIZE`` for a deployment of this artifact, and why: room in ``/dev/shm`` for the
+    longest request ``generate`` accepts (``max_context_tokens``), ``shm_caches_per_step`` KV
+    caches of that length (what a ``bls`` step holds there at once, measured on the local
+    server), rounded up to whole GiB. With ``step_runner`` ``onnxruntime`` (the default) the
+    cache never crosses ``/dev/shm``, and the size is headroom for the python backend's own
+    tensors. Oracle's BYOC samples set ``SHM_SIZE`` (``DOCS["shm_sample"]``).
+    """
+    params = artifact_model_parameters(zip_path)
+    n_layer, two, _, n_head, _, head_dim = (int(d) for d in params["empty_past_shape"].split(","))
+    tokens = int(params.get("max_context_tokens", "1024"))
+    copies = int(params.get("shm_caches_per_step", "8"))
+    needed = tokens * n_layer * two * n_head * head_dim * 4 * copies  # fp32 cache
+    gib = max(1, -(-needed // 2**30))
+    why = (
+        f"{tokens} tokens x {n_layer * two * n_head * head_dim * 4 // 1024} KiB of KV cache per "
+        f"token x {copies} caches = {needed / 2**20:.0f} MiB, rounded up to {gib} GiB "
+        f"(step_runner {params.get('step_runner', 'onnxruntime')!r})"
+    )
+    return f"{gib}g", why
+
+
 def is_gpu_shape(shape: str) -> bool:
     """``VM.GPU.A10.1``, ``BM.GPU4.8``, ...: the shape has NVIDIA GPUs."""
     return ".GPU" in shape
@@ -690,6 +730,7 @@ def deployment_request(
     bandwidth_mbps: int = 10,
     cmd: list[str] | None = None,
     server_port: int = 8000,
+    shm_size: str = "",
     environment_variables: dict[str, str] | None = None,
     log_group_id: str = "",
     access_log_id: str = "",
@@ -701,13 +742,16 @@ def deployment_request(
 
     Flex shapes (``*.Flex``, CPU) take ``ocpus`` and ``memory_in_gbs``; other shapes must not.
     ``autoscaling_max_instances > instance_count`` adds a CPU-utilization autoscaling policy,
-    otherwise the pool has a fixed size. Access and predict logs are attached when their ids
-    are given (they are the only place Triton's own output shows up). Checks OCI's rules
-    (:func:`check_deployment_request`).
+    otherwise the pool has a fixed size. ``shm_size`` (``"1g"``) sets ``SHM_SIZE``, the size of
+    the container's ``/dev/shm`` (:func:`shm_size_for_artifact`). Access and predict logs are
+    attached when their ids are given (they are the only place Triton's own output shows up).
+    Checks OCI's rules (:func:`check_deployment_request`).
     """
     from oci.data_science import models as m
 
     env = {"CONTAINER_TYPE": "TRITON", **(environment_variables or {})}
+    if shm_size:
+        env["SHM_SIZE"] = shm_size  # DOCS["shm_sample"]
     cmd = list(cmd or triton_command(server_port))
     validate_byoc(server_port, server_port, env, cmd)
     if not image or not image_digest:
