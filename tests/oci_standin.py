@@ -32,12 +32,17 @@ answers the way OCI answers; each rule names its public source.
 - ``POST /{md_ocid}/predict`` works like ``CONTAINER_TYPE=TRITON``: it forwards the body to the
   deployment's ``/v2/models/{model_name}/versions/{model_version}/infer``. The model is picked
   by the ``model_name`` / ``model_version`` headers, the only spelling OCI documents (Oracle's
-  Triton sample); ``model-name`` / ``model-version`` are not documented, so a request that
-  only has those is refused (400) rather than guessed at. Over 10 MB: 413; no Content-Length:
+  Triton sample). What OCI does without ``model_name`` is not documented (``RULES
+  ["predict_no_model"]``): the stand-in forwards such a request with an empty name, so the
+  answer is Triton's own, not one it made up. Over 10 MB: 413; no Content-Length:
   411; past the time limit: 500 (the service's 60 s timeout); no predict policy: 404
   ``NotAuthorizedOrNotFound`` (``deny_predict``).
 - Container Registry: ``create/list/get/delete_container_repository`` (private repositories
   in a compartment; a name is unique in the tenancy's namespace in a region: 409 otherwise).
+- Images: a deployment's image must be one a push recorded (:meth:`OciStandIn.record_push`,
+  from the tests' local registry round trip or a fixture), by digest or tag; the image may name
+  its digest (``repo:tag@sha256:...``, RULES["image_form"]). Otherwise it FAILS with
+  "Unable to access the container image" (RULES["image_exists"]).
 - Regions: ``url`` is the credentials' region; ``url_for(region)`` is another region's
   endpoint. Repositories and deployments belong to the region whose endpoint created them.
 
@@ -91,6 +96,17 @@ RULES = {
     "cmd": "SDK OcirModelDeploymentEnvironmentConfigurationDetails.cmd/entrypoint: combined "
     "size under 2048 bytes",
     "flex": "https://docs.oracle.com/en-us/iaas/data-science/using/supported-shapes.htm",
+    "flex_maxima": "SDK ModelDeploymentInstanceShapeConfigDetails.ocpus/memory_in_gbs: E3/E4 "
+    "Flex 1-64 OCPUs and 6-1024 GB, Standard3.Flex 1-32 and 512 GB, Optimized3.Flex 1-18 and "
+    "256 GB",
+    "image_form": "SDK OcirModelDeploymentEnvironmentConfigurationDetails.image: "
+    "'<region>.ocir.io/<registry>/<image>:<tag>' or '...:<tag>@digest'",
+    "image_exists": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
+    "tshoot-model-deploy-byoc.htm: at create, Data Science checks that an authorized path to "
+    "the image exists; 'the image doesn't exist' fails it",
+    "predict_no_model": "not found: OCI documents no answer for a /predict without model_name "
+    "under CONTAINER_TYPE=TRITON (model-dep-invoke.htm, the Triton sample); the stand-in "
+    "forwards it with the name empty, so the answer is Triton's own",
     "autoscaling": "Python SDK 2.189 AutoScalingPolicy.cool_down_in_seconds (minimum 300 s; "
     ".NET 90.x pages say 600); ThresholdBasedAutoScalingPolicyDetails (minimum <= initial <= "
     "maximum); scale-in/scale-out thresholds in percent",
@@ -113,6 +129,13 @@ RESERVED_ENV_KEYS = {
     "MODEL_SERVING_PYTHON_VERSION",
     "TENANCY_OCID",
     "CONTAINER_CUSTOM_IMAGE",
+}
+#: RULES["flex_maxima"]: (most OCPUs, most GB) per Flex shape.
+FLEX_SHAPE_MAXIMA = {
+    "VM.Standard.E3.Flex": (64, 1024),
+    "VM.Standard.E4.Flex": (64, 1024),
+    "VM.Standard3.Flex": (32, 512),
+    "VM.Optimized3.Flex": (18, 256),
 }
 #: Shapes Model Deployment offers (a subset; the real list comes from list_model_deployment_shapes).
 KNOWN_SHAPES = {
@@ -463,6 +486,7 @@ class OciStandIn:
         #: and deployments are regional: each repository and deployment keeps its region.
         self.region = credentials.region
         self.regions: dict[str, str] = {}  # repository or deployment OCID -> region
+        self.pushes: dict[str, dict[str, str]] = {}  # repository OCID -> {tag: digest}
         self.polls_to_finish = polls_to_finish
         self.page_size = page_size
         self.predict_time_limit_s = predict_time_limit_s
@@ -579,6 +603,28 @@ class OciStandIn:
             return self._new_repository(
                 compartment_id, display_name, "tests", region or self.region
             )
+
+    def record_push(self, reference: str, digest: str) -> Any:
+        """What a push of ``reference`` (``<key>.ocir.io/<namespace>/<repo>:<tag>``) with this
+        digest leaves in OCIR: the image in its repository; a repository that does not exist
+        yet is created in the tenancy's root compartment, as a push does (SDK
+        ``ContainerConfiguration``). Returns the repository."""
+        host, path = reference.split("/", 1)
+        name, _, tag = path.partition("/")[2].partition(":")
+        region = _region_of_host(host)
+        with self.lock:
+            repository = next(
+                (
+                    r
+                    for r in self.repositories.values()
+                    if r.display_name == name
+                    and r.lifecycle_state != "DELETED"
+                    and self.regions[r.id] == region
+                ),
+                None,
+            ) or self._new_repository(self.tenancy, name, "push", region)
+            self.pushes.setdefault(repository.id, {})[tag or "latest"] = digest
+            return repository
 
     # ---- helpers for tests
     def operations(self) -> list[str]:
@@ -1043,6 +1089,11 @@ class OciStandIn:
         ocpus, memory = config.ocpus, config.memory_in_gbs
         if ocpus < 1:
             raise self._invalid(f"ocpus {ocpus:g} is below 1.")
+        most_ocpus, most_gb = FLEX_SHAPE_MAXIMA.get(shape, (None, None))
+        if most_ocpus is not None and ocpus > most_ocpus:  # RULES["flex_maxima"]
+            raise self._invalid(f"ocpus {ocpus:g} is above {most_ocpus} for {shape}.")
+        if most_gb is not None and memory > most_gb:  # RULES["flex_maxima"]
+            raise self._invalid(f"memoryInGBs {memory:g} is above {most_gb} for {shape}.")
         if memory < 6 * ocpus:  # RULES["flex"]
             raise self._invalid(
                 f"memoryInGBs {memory:g} is below the minimum of 6 GB per OCPU for "
@@ -1119,8 +1170,9 @@ class OciStandIn:
         problems = byoc_problems(env)
         if problems:
             raise self._invalid("; ".join(problems))
-        if not re.fullmatch(
-            r"[a-z0-9-]+\.ocir\.io/[a-z0-9_.-]+/[a-z0-9_./-]+(:[\w.-]+)?", env.image or ""
+        if not re.fullmatch(  # RULES["image_form"]
+            r"[a-z0-9-]+\.ocir\.io/[a-z0-9_.-]+/[a-z0-9_./-]+(:[\w.-]+)?(@sha256:[0-9a-f]{64})?",
+            env.image or "",
         ):
             raise self._invalid(
                 f"image {env.image!r} is not an OCIR image (<region-key>.ocir.io/<namespace>/"
@@ -1130,6 +1182,11 @@ class OciStandIn:
             r"sha256:[0-9a-f]{64}", env.image_digest
         ):
             raise self._invalid(f"imageDigest {env.image_digest!r} is malformed.")
+        in_image = env.image.partition("@")[2]
+        if in_image and env.image_digest and in_image != env.image_digest:
+            raise self._invalid(  # not documented either way: the stand-in refuses the doubt
+                f"image names digest {in_image} but imageDigest is {env.image_digest}."
+            )
         logs = details.category_log_details
         for kind in ("access", "predict"):
             log = getattr(logs, kind, None) if logs else None
@@ -1141,12 +1198,13 @@ class OciStandIn:
         return entry
 
     # ---- deployments: what happens once the container runs (the work request)
-    def _image_problem(self, deployment: Any, image: str) -> str | None:
+    def _image_problem(self, deployment: Any, image: str, digest: str | None) -> str | None:
         """Why the deployment's resource principal cannot pull ``image``, or None."""
-        host_path = image.split("@")[0]
+        host_path, _, in_image = image.partition("@")
+        digest = digest or in_image or None
         host, path = host_path.split("/", 1)
         namespace, _, name = path.partition("/")
-        name = name.rsplit(":", 1)[0]
+        name, _, tag = name.partition(":")
         image_region = _region_of_host(host)
         deployment_region = self.regions[deployment.id]
         if namespace != self.namespace:
@@ -1177,6 +1235,10 @@ class OciStandIn:
                 f"{repository.compartment_id}; the deployment's policy reads repos in its own "
                 f"compartment, {deployment.compartment_id}.)"
             )
+        pushed = self.pushes.get(repository.id, {})
+        if (digest or pushed.get(tag or "latest")) not in pushed.values():  # RULES["image_exists"]
+            what = f"digest {digest}" if digest else f"tag {tag or 'latest'!r}"
+            return f"{IMAGE_ACCESS_FAILED} (stand-in: no image with {what} was pushed to {name!r}.)"
         return None
 
     def _container_command(self, env: Any) -> list[str]:
@@ -1199,7 +1261,7 @@ class OciStandIn:
             health = env.health_check_port or env.server_port
             if self._fail_next is not None:
                 details, self._fail_next = self._fail_next, None
-            elif problem := self._image_problem(deployment, env.image):
+            elif problem := self._image_problem(deployment, env.image, env.image_digest):
                 details = problem
             elif health != IMAGE_HEALTHCHECK_PORT:
                 details = (  # RULES["healthcheck"]
@@ -1402,18 +1464,9 @@ class OciStandIn:
                 }[status]
                 raise ApiError(status, code, message)
             container = self.containers.get(id) or self._upstream
-        name = h.headers.get("model_name")
+        # RULES["predict_no_model"]: without model_name the name is empty, and Triton answers.
+        name = h.headers.get("model_name") or ""
         version = h.headers.get("model_version")
-        if not name:
-            hyphen = h.headers.get("model-name")
-            raise ApiError(
-                400,
-                "InvalidParameter",
-                "No model_name header: with CONTAINER_TYPE=TRITON the model is chosen by the "
-                "model_name and model_version headers"
-                + (f" (model-name: {hyphen!r} is not a documented spelling)" if hyphen else "")
-                + ".",
-            )
         if self._predict_delay_s:
             time.sleep(min(self._predict_delay_s, self.predict_time_limit_s))
             if self._predict_delay_s >= self.predict_time_limit_s:

@@ -59,6 +59,7 @@ def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     creds = make_test_credentials(tmp_path / "oci")
     with OciStandIn(creds, polls_to_finish=3) as server:
         server.add_repository(COMPARTMENT, REPOSITORY)  # what notebook 05 creates
+        server.record_push(IMAGE, DIGEST)  # and pushes
         monkeypatch.setenv(ENDPOINT_OVERRIDE_ENV, server.url)
         server.creds = creds
         yield server

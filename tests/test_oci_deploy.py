@@ -97,6 +97,7 @@ def standin(creds: StandInCredentials, upstream):
         creds, triton_url=f"http://127.0.0.1:{upstream.server_address[1]}", polls_to_finish=2
     ) as server:
         server.add_repository(COMPARTMENT, "gpt2-triton")  # what notebook 05 creates
+        server.record_push(IMAGE, DIGEST)  # and pushes
         yield server
         assert server.unhandled == []
 
@@ -632,6 +633,89 @@ def test_edges_of_the_rules_are_accepted_by_the_service(client, artifact: Path) 
         od.wait_for_deployment(client, deployment.id, work_request_id, poll_s=0.01)
 
 
+@pytest.mark.parametrize(
+    ("shape", "ocpus", "memory", "client_says", "service_says"),
+    [
+        ("VM.Standard.E4.Flex", 65, 400, "ocpus=65; at most 64 OCPUs", "ocpus 65 is above 64"),
+        ("VM.Standard.E4.Flex", 64, 1025, "memory_in_gbs=1025; at most 1024 GB", "above 1024"),
+        ("VM.Standard3.Flex", 33, 300, "ocpus=33; at most 32 OCPUs", "ocpus 33 is above 32"),
+        ("VM.Standard3.Flex", 32, 513, "memory_in_gbs=513; at most 512 GB", "above 512"),
+        ("VM.Optimized3.Flex", 19, 200, "ocpus=19; at most 18 OCPUs", "ocpus 19 is above 18"),
+        ("VM.Optimized3.Flex", 18, 257, "memory_in_gbs=257; at most 256 GB", "above 256"),
+    ],
+)
+def test_per_shape_maxima(
+    client, artifact: Path, standin: OciStandIn, shape, ocpus, memory, client_says, service_says
+) -> None:
+    """The SDK's documented ranges per Flex shape, checked before sending and by the service."""
+    with pytest.raises(TutorialError, match=f"{shape}: {client_says}"):
+        od.deployment_request(
+            model_id="m", **request_kwargs(shape=shape, ocpus=ocpus, memory_in_gbs=memory)
+        )
+    model = model_with_artifact(client, artifact)
+    details = od.deployment_request(
+        model_id=model.id, **request_kwargs(shape=shape, ocpus=1, memory_in_gbs=6)
+    )
+    config = _model_config(details).instance_configuration
+    config.model_deployment_instance_shape_config_details.ocpus = ocpus
+    config.model_deployment_instance_shape_config_details.memory_in_gbs = memory
+    with pytest.raises(oci.exceptions.ServiceError) as err:
+        client.create_model_deployment(details)
+    assert err.value.status == 400 and service_says in err.value.message
+    # the edges pass
+    od.deployment_request(
+        model_id="m",
+        **request_kwargs(
+            shape=shape,
+            ocpus=od.FLEX_SHAPE_MAXIMA[shape][0],
+            memory_in_gbs=od.FLEX_SHAPE_MAXIMA[shape][1],
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("image", "digest", "outcome"),
+    [
+        (IMAGE, DIGEST, "ACTIVE"),
+        (f"{IMAGE}@{DIGEST}", None, "ACTIVE"),
+        (f"{IMAGE}@{DIGEST}", DIGEST, "ACTIVE"),
+        (IMAGE, "sha256:" + "ef" * 32, "no image with digest sha256:efef"),
+        (f"{IMAGE}@sha256:{'ef' * 32}", None, "no image with digest sha256:efef"),
+        (
+            "iad.ocir.io/standinns/gpt2-triton:never-pushed",
+            None,
+            "no image with tag 'never-pushed'",
+        ),
+    ],
+)
+def test_the_image_must_be_one_that_was_pushed(
+    client, artifact: Path, standin: OciStandIn, image: str, digest, outcome: str
+) -> None:
+    model = model_with_artifact(client, artifact)
+    details = od.deployment_request(model_id=model.id, **request_kwargs())
+    _env(details).image, _env(details).image_digest = image, digest
+    deployment, work_request_id = od.create_deployment(client, details)
+    if outcome == "ACTIVE":
+        done = od.wait_for_deployment(client, deployment.id, work_request_id, poll_s=0.01)
+        assert done.lifecycle_state == "ACTIVE"
+        return
+    with pytest.raises(od.DeploymentFailed) as err:
+        od.wait_for_deployment(client, deployment.id, work_request_id, poll_s=0.01)
+    assert f"is FAILED: {IMAGE_ACCESS_FAILED} (stand-in: {outcome}" in str(err.value)
+
+
+def test_a_push_without_a_repository_lands_in_the_root_compartment(
+    client, artifact: Path, standin: OciStandIn, creds: StandInCredentials
+) -> None:
+    image = "iad.ocir.io/standinns/first-push:1"
+    repository = standin.record_push(image, DIGEST)
+    assert repository.compartment_id == creds.tenancy
+    model = model_with_artifact(client, artifact)
+    with pytest.raises(od.DeploymentFailed) as err:
+        deploy(client, model.id, image=image)
+    assert f"repository 'first-push' is in compartment {creds.tenancy}" in str(err.value)
+
+
 def test_flex_shape_rules() -> None:
     with pytest.raises(TutorialError, match="VM.Standard.E4.Flex is a Flex shape: give it OCPUs"):
         od.deployment_request(model_id="m", **request_kwargs(shape="VM.Standard.E4.Flex"))
@@ -784,17 +868,15 @@ def test_model_name_header_selects_the_model(auth, predict_url: str, upstream) -
     assert upstream.calls[-1]["path"] == "/v2/models/generate/versions/1/infer"
 
 
-def test_undocumented_hyphen_headers_are_refused(auth, predict_url: str, upstream) -> None:
-    headers = {"model-name": "generate", "model-version": "1"}
+def test_predict_without_model_name_reaches_triton_with_no_name(
+    auth, predict_url: str, upstream
+) -> None:
+    """OCI documents no answer for this (oci_standin RULES["predict_no_model"]): the stand-in
+    invents none, it forwards with the name empty and Triton answers (the slow test below)."""
+    headers = {"model-name": "generate", "model-version": "1"}  # not the documented spelling
     answer = send(signed(auth, "POST", predict_url, json=text_payload("Hi"), headers=headers))
-    assert answer.status_code == 400
-    assert answer.json() == {
-        "code": "InvalidParameter",
-        "message": "No model_name header: with CONTAINER_TYPE=TRITON the model is chosen by "
-        "the model_name and model_version headers (model-name: 'generate' is not a documented "
-        "spelling).",
-    }
-    assert upstream.calls == []
+    assert answer.status_code == 200  # what this recording upstream answers to anything
+    assert [call["path"] for call in upstream.calls] == ["/v2/models//infer"]
 
 
 def test_predict_unsigned_is_refused(predict_url: str, upstream) -> None:
@@ -1155,6 +1237,7 @@ def test_real_triton_serves_the_zip_and_stops_with_the_deployment(
     require_local_triton()
     with OciStandIn(creds, polls_to_finish=2) as standin:
         standin.add_repository(COMPARTMENT, "gpt2-triton")
+        standin.record_push(IMAGE, DIGEST)
         client = od.data_science_client(
             auth, standin.url, retry_strategy=oci.retry.NoneRetryStrategy()
         )
@@ -1176,6 +1259,16 @@ def test_real_triton_serves_the_zip_and_stops_with_the_deployment(
             model_name="ensemble_model",
         )
         assert len(od.output_by_name(result, "NEXT_TOKEN")) == 1
+        # no model_name: Triton's own answer (the stand-in forwards with the name empty)
+        nameless = send(
+            signed(
+                auth,
+                "POST",
+                f"{deployment.model_deployment_url}/predict",
+                json=text_payload("Hi"),
+            )
+        )
+        assert nameless.status_code != 200 and "error" in nameless.json()
         od.delete_deployment(client, deployment.id, poll_s=0.2)
         assert container.process.poll() is not None  # deleting stopped the server
         assert standin.containers == {}

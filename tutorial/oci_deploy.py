@@ -40,6 +40,8 @@ DOCS = {
     "sdk_env": "https://docs.oracle.com/en-us/iaas/tools/python/latest/api/data_science/models/"
     "oci.data_science.models.OcirModelDeploymentEnvironmentConfigurationDetails.html",
     "shapes": "https://docs.oracle.com/en-us/iaas/data-science/using/supported-shapes.htm",
+    "sdk_shape_config": "https://docs.oracle.com/en-us/iaas/tools/python/latest/api/data_science/"
+    "models/oci.data_science.models.ModelDeploymentInstanceShapeConfigDetails.html",
     "sdk_autoscaling": "https://docs.oracle.com/en-us/iaas/tools/python/latest/api/data_science/"
     "models/oci.data_science.models.AutoScalingPolicy.html",
     "autoscale": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
@@ -92,6 +94,14 @@ CMD_ENTRYPOINT_LIMIT_BYTES = 2048
 #: DOCS["shapes"]: standard flexible shapes for model deployments, memory per OCPU.
 FLEX_MIN_GB_PER_OCPU = 6
 FLEX_MAX_GB_PER_OCPU = 64
+#: DOCS["sdk_shape_config"]: (most OCPUs, most GB of memory) a model deployment may give each
+#: of these Flex shapes.
+FLEX_SHAPE_MAXIMA = {
+    "VM.Standard.E3.Flex": (64, 1024),
+    "VM.Standard.E4.Flex": (64, 1024),
+    "VM.Standard3.Flex": (32, 512),
+    "VM.Optimized3.Flex": (18, 256),
+}
 #: DOCS["sdk_autoscaling"]: the Python SDK pinned here (2.189) says "The minimum value is 300
 #: seconds"; older .NET SDK pages (90.x) say 600. deployment_request uses 600, which meets both.
 AUTOSCALING_MIN_COOLDOWN_S = 300
@@ -610,6 +620,12 @@ def _flex_problems(shape: str, shape_config: Any) -> list[str]:
     problems = []
     if ocpus < 1:
         problems.append(f"{shape}: ocpus={ocpus:g}; at least 1 OCPU")
+    if shape in FLEX_SHAPE_MAXIMA:
+        most_ocpus, most_gb = FLEX_SHAPE_MAXIMA[shape]
+        if ocpus > most_ocpus:
+            problems.append(f"{shape}: ocpus={ocpus:g}; at most {most_ocpus} OCPUs")
+        if memory > most_gb:
+            problems.append(f"{shape}: memory_in_gbs={memory:g}; at most {most_gb} GB")
     if memory < FLEX_MIN_GB_PER_OCPU * ocpus:
         problems.append(
             f"{shape}: {memory:g} GB for {ocpus:g} OCPUs; model deployments need at least "
