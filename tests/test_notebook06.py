@@ -10,6 +10,7 @@ through ``TUTORIAL_OCI_ENDPOINT`` (read by the helpers), not through its paramet
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -89,7 +90,10 @@ def test_notebook06_without_credentials_explains_and_stops(
     assert "No OCI credentials: not in a notebook session" in text
     assert "RUN_OCI = False (the cells below only explain what they would do)" in text
     assert '"environmentVariables": {\n        "CONTAINER_TYPE": "TRITON"' in text
-    assert "Would create the deployment 'gpt2-triton-deployment' on VM.GPU.A10.1" in text
+    assert re.search(
+        r"Would create the deployment 'gpt2-triton-gpu-\d{8}-\d{6}-deployment' on VM.GPU.A10.1",
+        text,
+    )
     assert "Nothing was created." in text
 
 
@@ -265,3 +269,42 @@ def test_notebook06_end_to_end(
     assert "OK to deploy the fp32 artifact on VM.GPU.A10.1." in text
     assert "200 {'model_name': 'ensemble_model', 'model_version': '1'" in text  # by hand
     assert "- Generated 50 tokens through the signed /predict: " in text
+
+
+@pytest.mark.slow
+def test_two_runs_are_both_recorded_found_and_deleted_by_the_clean_up(
+    tiny_workdir: Path, tiny_state, triton_server, tmp_path: Path, monkeypatch
+) -> None:
+    """Run 06 twice: the first keeps its deployment (CLEAN_UP = False, as for notebook 07), the
+    second cleans up everything of the tutorial (CLEAN_UP_ALL = True). Both deployments are in
+    state.json, and the clean-up names and deletes both. Every deployment's container is the
+    session's Triton (no server started per deployment)."""
+    require_local_triton()
+    creds = make_test_credentials(tmp_path / "oci")
+    with OciStandIn(creds, triton_url=triton_server.url, polls_to_finish=2) as standin:
+        standin.add_repository(COMPARTMENT, REPOSITORY)
+        standin.record_push(IMAGE, DIGEST)
+        monkeypatch.setenv(ENDPOINT_OVERRIDE_ENV, standin.url)
+        standin.creds = creds
+        common = dict(MAX_NEW_TOKENS=2, ALLOW_RANDOM_WEIGHTS=True)
+        run(tmp_path / "first", **standin_parameters(standin, CLEAN_UP=False, **common))
+        first = set(standin.deployments)
+        out = run(
+            tmp_path / "second",
+            **standin_parameters(standin, USE_GPU=False, CLEAN_UP_ALL=True, **common),
+        )
+        assert standin.unhandled == []
+    assert len(first) == 1 and len(standin.deployments) == 2
+    assert standin.live() == []
+    recorded = json.loads((tiny_workdir / "state.json").read_text())["deployments"]
+    assert set(recorded) == set(standin.deployments)
+    assert all(entry["deleted"] for entry in recorded.values())
+    assert sorted(e["shape"] for e in recorded.values()) == ["VM.GPU.A10.1", "VM.Standard.E4.Flex"]
+    assert {e["model_info"]["variant"] for e in recorded.values()} == {"fp32"}
+    text = outputs(out)
+    for deployment_id, deployment in standin.deployments.items():
+        assert (
+            f"Deleting model_deployment {deployment.display_name} (ACTIVE) {deployment_id} "
+            "(bills until deleted)" in text
+        )
+        assert f"deleted model_deployment {deployment_id}" in text

@@ -1140,6 +1140,61 @@ def output_by_name(result: dict[str, Any], name: str) -> list[Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# The record of every deployment notebook 06 made (state.json, section "deployments")
+
+#: state.json's section with one entry per deployment, keyed by its OCID: a second run of
+#: notebook 06 adds an entry instead of replacing the first.
+DEPLOYMENTS_SECTION = "deployments"
+
+
+def record_deployment(deployment_id: str, **fields: Any) -> dict[str, Any]:
+    """Add ``fields`` to one deployment's entry in state.json (created if new); return it."""
+    from tutorial.common import load_state, update_state
+
+    entry = load_state().get(DEPLOYMENTS_SECTION, {}).get(deployment_id, {})
+    entry = {**entry, **fields}
+    update_state(DEPLOYMENTS_SECTION, **{deployment_id: entry})
+    return entry
+
+
+def recorded_deployments(live_only: bool = True) -> dict[str, dict[str, Any]]:
+    """The deployments notebook 06 recorded, oldest first (``live_only``: not deleted)."""
+    from tutorial.common import load_state
+
+    entries = load_state().get(DEPLOYMENTS_SECTION, {})
+    ordered = sorted(entries.items(), key=lambda item: str(item[1].get("created", "")))
+    return {k: v for k, v in ordered if not (live_only and v.get("deleted"))}
+
+
+def deployment_id_of(predict_url: str) -> str | None:
+    """``.../<deployment OCID>/predict`` -> the OCID (None when the URL holds none)."""
+    match = re.search(r"(ocid1\.datasciencemodeldeployment\.[^/]+)", predict_url or "")
+    return match.group(1) if match else None
+
+
+def recorded_predict_url(gpu: bool) -> tuple[str, str]:
+    """``(predict_url, shape)`` of the newest live recorded deployment on a GPU (or CPU)
+    shape; ``("", "")`` when there is none."""
+    found = [e for e in recorded_deployments().values() if is_gpu_shape(e.get("shape", "")) == gpu]
+    return (found[-1]["predict_url"], found[-1]["shape"]) if found else ("", "")
+
+
+def deployment_variant(predict_url: str) -> str:
+    """The variant (fp32 | int8) a deployment serves, from the ``MODEL_INFO.json`` of the
+    artifact notebook 06 uploaded for it (recorded in state.json)."""
+    deployment_id = deployment_id_of(predict_url)
+    entry = recorded_deployments(live_only=False).get(deployment_id or "", {})
+    variant = (entry.get("model_info") or {}).get("variant")
+    if not variant:
+        raise TutorialError(
+            f"No record of deployment {deployment_id or predict_url} in state.json: notebook "
+            "06 records each deployment with its artifact's MODEL_INFO.json. Run 06 with this "
+            "TUTORIAL_WORKDIR, or set the variant by hand (OCI_CPU_VARIANT / OCI_GPU_VARIANT)."
+        )
+    return variant
+
+
+# --------------------------------------------------------------------------------------------
 # Finding and removing this tutorial's resources
 
 
@@ -1199,9 +1254,12 @@ def cleanup_tutorial_resources(
     poll_s: float = 30.0,
     timeout_s: float = 3600.0,
 ) -> list[dict[str, Any]]:
-    """Print this tutorial's resources; with ``dry_run=False`` delete them (deployments first).
+    """Print this tutorial's resources; with ``dry_run=False`` delete them (deployments first,
+    each named as it goes) and mark them deleted in state.json's record.
 
-    Returns what was found. Anything left running keeps billing.
+    Finds them by freeform tag (or name prefix), so deployments of every run of notebook 06
+    are found, not only the last one. Returns what was found. A deployment bills until it is
+    deleted.
     """
     found = find_tutorial_resources(
         client, compartment_id, project_id=project_id, tag=tag, name_prefix=name_prefix
@@ -1211,21 +1269,28 @@ def cleanup_tutorial_resources(
         return found
     verb = "Would delete" if dry_run else "Deleting"
     for item in found:
+        bills = " (bills until deleted)" if item["kind"] == "model_deployment" else ""
         print(
-            f"{verb} {item['kind']} {item['display_name']} ({item['lifecycle_state']}) {item['id']}"
+            f"{verb} {item['kind']} {item['display_name']} ({item['lifecycle_state']}) "
+            f"{item['id']}{bills}"
         )
     if dry_run:
         print("Dry run: nothing deleted (pass dry_run=False to delete).")
         return found
+    recorded = recorded_deployments(live_only=False)
     for item in found:
         if item["kind"] == "model_deployment":
             if item["lifecycle_state"] == "DELETING":
                 _wait_deleted(client, item["id"], poll_s=poll_s, timeout_s=timeout_s)
             else:
                 delete_deployment(client, item["id"], poll_s=poll_s, timeout_s=timeout_s)
+            print(f"deleted model_deployment {item['id']}")
+            if item["id"] in recorded:
+                record_deployment(item["id"], deleted=True)
     for item in found:
         if item["kind"] == "model":
             delete_model(client, item["id"])
+            print(f"deleted model {item['id']}")
     return found
 
 
