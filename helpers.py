@@ -79,6 +79,7 @@ from tutorial.model_source import (  # noqa: F401
 )
 from tutorial.oci_deploy import (  # noqa: F401
     CONSOLE_UPLOAD_LIMIT_BYTES,
+    DIRECT_UPLOAD_LIMIT_BYTES,
     DOCS,
     PREDICT_PAYLOAD_LIMIT_BYTES,
     TUTORIAL_TAG,
@@ -101,6 +102,7 @@ from tutorial.oci_deploy import (  # noqa: F401
     find_tutorial_resources,
     image_region_problem,
     is_gpu_shape,
+    object_storage_client,
     oci_auth,
     output_by_name,
     predict,
@@ -113,6 +115,7 @@ from tutorial.oci_deploy import (  # noqa: F401
     triton_command,
     try_oci_auth,
     upload_artifact,
+    upload_artifact_by_size,
     validate_byoc,
     wait_for_deployment,
     wait_for_work_request,

@@ -43,6 +43,11 @@ answers the way OCI answers; each rule names its public source.
   from the tests' local registry round trip or a fixture), by digest or tag; the image may name
   its digest (``repo:tag@sha256:...``, RULES["image_form"]). Otherwise it FAILS with
   "Unable to access the container image" (RULES["image_exists"]).
+- Large artifacts: Object Storage's ``put_object`` and multipart upload (create, parts with
+  their Content-MD5 checked, commit, abort; RULES["multipart"]) into buckets a test adds
+  (:meth:`OciStandIn.add_bucket`, per region), and the catalog's ``export_model_artifact``,
+  which copies the object into the model's artifact in an ``EXPORT_MODEL_ARTIFACT`` work
+  request (RULES["export_artifact"]).
 - Regions: ``url`` is the credentials' region; ``url_for(region)`` is another region's
   endpoint. Repositories and deployments belong to the region whose endpoint created them.
 
@@ -80,7 +85,11 @@ PREDICT_PAYLOAD_LIMIT_BYTES = 10 * 1024 * 1024
 MAX_CLOCK_SKEW_S = 300
 #: Binary uploads OCI signs without the body headers (the SDK passes
 #: ``enforce_content_headers=False`` for them, as for Object Storage uploads).
-UNSIGNED_BODY_OPERATIONS = {"create_model_artifact"}
+UNSIGNED_BODY_OPERATIONS = {"create_model_artifact", "put_object", "upload_part"}
+#: Object Storage multipart uploads (RULES["multipart"]).
+MAX_PART_NUMBER = 10_000
+MAX_PART_BYTES = 50 * 2**30
+MIN_PART_BYTES = 10 * 2**20  # all but the last part; see RULES["multipart"]
 BOOTSTRAP_FAILED = "Errors occurred while bootstrapping the Model Deployment."
 #: The port docker/Dockerfile's HEALTHCHECK asks (the image every test deployment plays).
 IMAGE_HEALTHCHECK_PORT = 8000
@@ -104,6 +113,14 @@ RULES = {
     "image_exists": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
     "tshoot-model-deploy-byoc.htm: at create, Data Science checks that an authorized path to "
     "the image exists; 'the image doesn't exist' fails it",
+    "multipart": "https://docs.oracle.com/iaas/Content/Object/Tasks/usingmultipartuploads.htm: "
+    "part numbers 1-10,000, parts no larger than 50 GiB; a 10 MiB minimum for all but the last "
+    "part is reported by third parties, not on Oracle's page: the stand-in applies it "
+    "(stricter at worst)",
+    "export_artifact": "SDK DataScienceClient.export_model_artifact ('Export model artifact "
+    "from source to the service bucket'), ArtifactExportDetailsObjectStorage; oracle-ads "
+    "uploads artifacts over 2 GB this way; https://docs.oracle.com/en-us/iaas/data-science/"
+    "using/models-about.htm: up to 400 GB through Object Storage",
     "predict_no_model": "not found: OCI documents no answer for a /predict without model_name "
     "under CONTAINER_TYPE=TRITON (model-dep-invoke.htm, the Triton sample); the stand-in "
     "forwards it with the name empty, so the answer is Triton's own",
@@ -521,7 +538,13 @@ class OciStandIn:
             "artifacts": oci.artifacts.ArtifactsClient(
                 fake_config, signer=object(), service_endpoint="http://127.0.0.1:1"
             ).base_client,
+            "object_storage": oci.object_storage.ObjectStorageClient(
+                fake_config, signer=object(), service_endpoint="http://127.0.0.1:1"
+            ).base_client,
         }
+        #: Object Storage: (namespace, bucket) -> {"region", "objects": {name: path}}
+        self.buckets: dict[tuple[str, str], dict[str, Any]] = {}
+        self.uploads: dict[str, dict[str, Any]] = {}  # multipart upload id -> its parts
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -667,6 +690,21 @@ class OciStandIn:
             "delete_container_repository",
         ),
         ("POST", r"/(?P<id>ocid1\.datasciencemodeldeployment\.[^/]+)/predict", "predict"),
+        (
+            "POST",
+            rf"{DATA_SCIENCE_API}/models/(?P<id>[^/]+)/actions/exportArtifact",
+            "export_model_artifact",
+        ),
+        ("PUT", r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/o/(?P<name>.+)", "put_object"),
+        ("DELETE", r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/o/(?P<name>.+)", "delete_object"),
+        ("POST", r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/u", "create_multipart_upload"),
+        ("PUT", r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/u/(?P<name>.+)", "upload_part"),
+        ("POST", r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/u/(?P<name>.+)", "commit_multipart_upload"),
+        (
+            "DELETE",
+            r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/u/(?P<name>.+)",
+            "abort_multipart_upload",
+        ),
     ]
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
@@ -1375,7 +1413,10 @@ class OciStandIn:
             work_request = entry["work_request"]
             if work_request.status in ("SUCCEEDED", "FAILED", "CANCELED"):
                 continue
-            if work_request.id != work_request_id and entry["deployment"].id != deployment_id:
+            target = entry["deployment"]
+            if work_request.id != work_request_id and (
+                target is None or target.id != deployment_id
+            ):
                 continue
             entry["polls_left"] -= 1
             done = entry["final"] is not None and entry["polls_left"] <= 0
@@ -1386,8 +1427,9 @@ class OciStandIn:
             work_request.time_started = work_request.time_started or self._now()
             if done:
                 deployment = entry["deployment"]
-                deployment.lifecycle_state = entry["final"]
-                deployment.lifecycle_details = entry["details"]
+                if deployment is not None:
+                    deployment.lifecycle_state = entry["final"]
+                    deployment.lifecycle_details = entry["details"]
                 work_request.status = "FAILED" if entry["final"] == "FAILED" else "SUCCEEDED"
                 work_request.time_finished = self._now()
                 work_request.resources[0].action_type = (
@@ -1436,6 +1478,205 @@ class OciStandIn:
             ]
             summaries, headers = self._page(items, query, "ModelDeploymentSummary")
             return self._json(200, summaries, **headers)
+
+    # ---- Object Storage (the large-artifact route) and the catalog's export from it
+    def add_bucket(self, namespace: str, name: str, region: str | None = None) -> None:
+        """A bucket, as if created in the Console (tests' shortcut)."""
+        with self.lock:
+            self.buckets[(namespace, name)] = {"region": region or self.region, "objects": {}}
+
+    def _bucket(self, ns: str, bucket: str, region: str) -> dict[str, Any]:
+        entry = self.buckets.get((ns, bucket))
+        if entry is None or entry["region"] != region:
+            raise ApiError(
+                404,
+                "BucketNotFound",
+                f"Either the bucket named '{bucket}' does not exist in "
+                f"the namespace '{ns}' or you are not authorized to access it",
+            )
+        return entry
+
+    def _store(self, body: Any, size: int) -> Path:
+        path = self._tmp / f"object-{uuid.uuid4().hex}"
+        with open(path, "wb") as out:
+            shutil.copyfileobj(body, out, 1024 * 1024)
+        assert path.stat().st_size == size
+        return path
+
+    def _op_put_object(
+        self, *, body: Any, size: int, ns: str, bucket: str, name: str, region: str, **_: Any
+    ) -> tuple:
+        with self.lock:
+            entry = self._bucket(ns, bucket, region)
+            entry["objects"][name] = self._store(body, size)
+        return 200, b"", {"etag": uuid.uuid4().hex}
+
+    def _op_delete_object(self, *, ns: str, bucket: str, name: str, region: str, **_: Any) -> tuple:
+        with self.lock:
+            entry = self._bucket(ns, bucket, region)
+            if entry["objects"].pop(name, None) is None:
+                raise ApiError(404, "ObjectNotFound", f"The object '{name}' does not exist.")
+        return 204, b"", {}
+
+    def _op_create_multipart_upload(
+        self, *, body: Any, ns: str, bucket: str, region: str, **_: Any
+    ) -> tuple:
+        details = self._parse(body, "CreateMultipartUploadDetails", "object_storage")
+        with self.lock:
+            self._bucket(ns, bucket, region)
+            upload = _models("object_storage").MultipartUpload(
+                namespace=ns,
+                bucket=bucket,
+                object=details.object,
+                upload_id=uuid.uuid4().hex,
+                time_created=self._now(),
+            )
+            self.uploads[upload.upload_id] = {"upload": upload, "parts": {}}
+        return self._json(200, upload)
+
+    def _upload(self, query: dict[str, str], ns: str, bucket: str, name: str) -> dict[str, Any]:
+        entry = self.uploads.get(query.get("uploadId", ""))
+        upload = entry and entry["upload"]
+        if not entry or (upload.namespace, upload.bucket, upload.object) != (ns, bucket, name):
+            raise ApiError(404, "NoSuchUpload", f"No multipart upload {query.get('uploadId')}.")
+        return entry
+
+    def _op_upload_part(
+        self,
+        *,
+        h: Any,
+        body: Any,
+        size: int,
+        query: dict[str, str],
+        ns: str,
+        bucket: str,
+        name: str,
+        **_: Any,
+    ) -> tuple:
+        number = int(query.get("uploadPartNum") or 0)
+        if not 1 <= number <= MAX_PART_NUMBER:  # RULES["multipart"]
+            raise ApiError(400, "InvalidParameter", f"uploadPartNum {number} is not 1-10000.")
+        if size > MAX_PART_BYTES:
+            raise ApiError(400, "InvalidParameter", "A part must be no larger than 50 GiB.")
+        with self.lock:
+            entry = self._upload(query, ns, bucket, name)
+            path = self._store(body, size)
+        md5 = base64.b64encode(hashlib.md5(path.read_bytes(), usedforsecurity=False).digest())
+        given = h.headers.get("Content-MD5")
+        if given is not None and given != md5.decode():
+            path.unlink()
+            raise ApiError(400, "InvalidContentMD5", "The Content-MD5 does not match the body.")
+        etag = uuid.uuid4().hex
+        with self.lock:
+            entry["parts"][number] = {"etag": etag, "path": path, "size": size}
+        return 200, b"", {"etag": etag, "opc-content-md5": md5.decode()}
+
+    def _op_commit_multipart_upload(
+        self,
+        *,
+        body: Any,
+        query: dict[str, str],
+        ns: str,
+        bucket: str,
+        name: str,
+        region: str,
+        **_: Any,
+    ) -> tuple:
+        details = self._parse(body, "CommitMultipartUploadDetails", "object_storage")
+        with self.lock:
+            entry = self._upload(query, ns, bucket, name)
+            bucket_entry = self._bucket(ns, bucket, region)
+            chosen = sorted(details.parts_to_commit, key=lambda part: part.part_num)
+            for index, part in enumerate(chosen):
+                stored = entry["parts"].get(part.part_num)
+                if stored is None or stored["etag"] != part.etag:
+                    raise ApiError(
+                        400,
+                        "InvalidParameter",
+                        f"Part {part.part_num}: no such part with that etag.",
+                    )
+                if index < len(chosen) - 1 and stored["size"] < MIN_PART_BYTES:
+                    raise ApiError(
+                        400,
+                        "InvalidParameter",
+                        f"Part {part.part_num} is "
+                        f"{stored['size']} bytes; all but the last part must be at "
+                        "least 10 MiB (RULES['multipart']).",
+                    )
+            path = self._tmp / f"object-{uuid.uuid4().hex}"
+            with open(path, "wb") as out:
+                for part in chosen:
+                    with open(entry["parts"][part.part_num]["path"], "rb") as src:
+                        shutil.copyfileobj(src, out, 1024 * 1024)
+            bucket_entry["objects"][name] = path
+            self.uploads.pop(query["uploadId"])
+        return 200, b"", {"etag": uuid.uuid4().hex, "opc-multipart-md5": "stand-in"}
+
+    def _op_abort_multipart_upload(
+        self, *, query: dict[str, str], ns: str, bucket: str, name: str, **_: Any
+    ) -> tuple:
+        with self.lock:
+            self._upload(query, ns, bucket, name)
+            self.uploads.pop(query["uploadId"])
+        return 204, b"", {}
+
+    def _op_export_model_artifact(self, *, body: Any, id: str, **_: Any) -> tuple:
+        """RULES["export_artifact"]: the catalog copies the zip from the bucket into the model's
+        artifact, in a work request (EXPORT_MODEL_ARTIFACT)."""
+        details = self._parse(body, "ExportModelArtifactDetails")
+        source = details.artifact_export_details
+        with self.lock:
+            entry = self._model(id)
+            if entry["artifact"] is not None:
+                raise ApiError(
+                    409,
+                    "NotAuthorizedOrResourceAlreadyExists",
+                    "The model already has an artifact; artifacts cannot be replaced.",
+                )
+            work = {
+                "work_request": _models().WorkRequest(
+                    id=self._ocid("datascienceworkrequest"),
+                    operation_type="EXPORT_MODEL_ARTIFACT",
+                    status="ACCEPTED",
+                    compartment_id=entry["model"].compartment_id,
+                    percent_complete=0.0,
+                    resources=[
+                        _models().WorkRequestResource(
+                            action_type="IN_PROGRESS",
+                            entity_type="model",
+                            identifier=id,
+                            entity_uri=f"/models/{id}",
+                        )
+                    ],
+                    time_accepted=self._now(),
+                ),
+                "deployment": None,
+                "polls_left": self.polls_to_finish,
+                "final": "FAILED",
+                "details": None,
+                "thread": None,
+                "stop": threading.Event(),
+            }
+            self.work_requests[work["work_request"].id] = work
+            bucket = self.buckets.get((source.namespace, source.source_bucket))
+            path = None
+            if bucket and bucket["region"] == source.source_region:
+                path = bucket["objects"].get(source.source_object_name)
+            if path is not None and zipfile.is_zipfile(path):
+                artifact = self._tmp / f"{id}.zip"
+                shutil.copyfile(path, artifact)
+                with zipfile.ZipFile(artifact) as archive:
+                    names = archive.namelist()
+                entry["artifact"] = {
+                    "path": artifact,
+                    "size": artifact.stat().st_size,
+                    "names": names,
+                    "sha256": None,
+                    "content_disposition": None,
+                    "route": "object_storage",
+                }
+                work["final"] = "SUCCEEDED"
+        return 200, b"", {"opc-work-request-id": work["work_request"].id}
 
     # ---- predict (CONTAINER_TYPE=TRITON)
     def _op_predict(self, *, h: Any, body: Any, size: int, id: str, **_: Any) -> tuple:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1273,3 +1274,66 @@ def test_real_triton_serves_the_zip_and_stops_with_the_deployment(
         assert container.process.poll() is not None  # deleting stopped the server
         assert standin.containers == {}
         assert standin.unhandled == []
+
+
+# --------------------------------------------------------------------------------------------
+# Large artifacts: through Object Storage above the direct-upload limit
+
+
+def test_large_artifact_goes_through_object_storage_and_deploys(
+    auth: od.OciAuth, client, standin: OciStandIn, tmp_path: Path
+) -> None:
+    """The threshold is set low, not the artifact large: 12 MiB in two parts of 10 MiB
+    (the smallest the stand-in takes), then the catalog's export, then a deployment."""
+    path = tmp_path / "big.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("model_repository/gpt2/config.pbtxt", 'name: "gpt2"')
+        zf.writestr("model_repository/gpt2/1/model.onnx", os.urandom(12 * 2**20))
+    standin.add_bucket("standinns", "artifacts")
+    storage = od.object_storage_client(
+        auth, standin.url, retry_strategy=oci.retry.NoneRetryStrategy()
+    )
+    model = od.create_model(
+        client, compartment_id=COMPARTMENT, project_id=PROJECT, display_name="big"
+    )
+    kwargs = dict(storage=storage, namespace="standinns", region="us-ashburn-1", poll_s=0.01)
+    with pytest.raises(TutorialError, match="it goes through Object Storage. Set ARTIFACT_BUCKET"):
+        od.upload_artifact_by_size(client, model.id, path, limit_bytes=2**20)
+    done = od.upload_artifact_by_size(
+        client,
+        model.id,
+        path,
+        bucket="artifacts",
+        limit_bytes=2**20,
+        part_bytes=10 * 2**20,
+        **kwargs,
+    )
+    assert done["route"] == "object_storage" and done["bytes"] == path.stat().st_size
+    operations = standin.operations()
+    assert operations.count("upload_part") == 2
+    assert "create_model_artifact" not in operations
+    assert operations[-1:] == ["delete_object"]  # the staged copy is removed
+    artifact = standin.models[model.id]["artifact"]
+    assert artifact["route"] == "object_storage"
+    assert Path(artifact["path"]).read_bytes() == path.read_bytes()
+    assert standin.buckets[("standinns", "artifacts")]["objects"] == {}
+    deployment = deploy(client, model.id)
+    assert deployment.lifecycle_state == "ACTIVE"
+    # below the limit: straight to the catalog
+    small = od.create_model(
+        client, compartment_id=COMPARTMENT, project_id=PROJECT, display_name="s"
+    )
+    assert od.upload_artifact_by_size(client, small.id, path, **kwargs)["route"] == "direct"
+
+
+def test_parts_below_10_mib_are_refused(auth: od.OciAuth, standin: OciStandIn, tmp_path: Path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(os.urandom(3 * 2**20))
+    standin.add_bucket("standinns", "artifacts")
+    storage = od.object_storage_client(
+        auth, standin.url, retry_strategy=oci.retry.NoneRetryStrategy()
+    )
+    manager = oci.object_storage.UploadManager(storage, allow_parallel_uploads=False)
+    with pytest.raises(oci.exceptions.ServiceError) as err:
+        manager.upload_file("standinns", "artifacts", "a.bin", str(path), part_size=2**20)
+    assert err.value.status == 400 and "at least 10 MiB" in err.value.message

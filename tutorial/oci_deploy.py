@@ -51,6 +51,15 @@ DOCS = {
     "policies": "https://docs.oracle.com/en-us/iaas/data-science/using/model-dep-policies-auth.htm",
     "troubleshoot": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
     "tshoot-model-deploy-byoc.htm",
+    # Artifacts through Object Storage: the model catalog takes up to 400 GB that way.
+    "models": "https://docs.oracle.com/en-us/iaas/data-science/using/models-about.htm",
+    "sdk_export": "https://docs.oracle.com/en-us/iaas/tools/python/latest/api/data_science/"
+    "client/oci.data_science.DataScienceClient.html#oci.data_science.DataScienceClient."
+    "export_model_artifact",
+    # oracle-ads (its ModelCatalog._export_model_artifact): artifacts over 2 GB go to a bucket,
+    # then export_model_artifact, then the staged object is removed.
+    "ads_large_artifact": "https://github.com/oracle/accelerated-data-science",
+    "multipart": "https://docs.oracle.com/iaas/Content/Object/Tasks/usingmultipartuploads.htm",
     # Oracle's BYOC samples set the container's /dev/shm with SHM_SIZE (not on DOCS["env"]).
     "shm_sample": "https://github.com/oracle-samples/oci-data-science-ai-samples/blob/main/"
     "model-deployment/containers/nim/README.md",
@@ -66,8 +75,13 @@ RESOURCE_PRINCIPAL_ENV = "OCI_RESOURCE_PRINCIPAL_VERSION"
 ENDPOINT_OVERRIDE_ENV = "TUTORIAL_OCI_ENDPOINT"
 #: Freeform tag every resource of this tutorial carries, so the cleanup helper can find them.
 TUTORIAL_TAG = {"tutorial": "gpt2-triton"}
-#: The Console refuses artifacts above this size; the SDK takes up to 6 GB.
+#: The Console refuses artifacts above this size; the SDK uploads larger ones.
 CONSOLE_UPLOAD_LIMIT_BYTES = 100 * 1024 * 1024
+#: Above this, artifacts go through Object Storage (DOCS["models"]: up to 400 GB that way), as
+#: oracle-ads does above 2 GB (DOCS["ads_large_artifact"]); below, straight to the catalog.
+DIRECT_UPLOAD_LIMIT_BYTES = 2 * 1024**3
+#: Multipart part size for that route (DOCS["multipart"]: parts up to 50 GiB).
+OBJECT_STORAGE_PART_BYTES = 128 * 1024**2
 PREDICT_PAYLOAD_LIMIT_BYTES = 10 * 1024 * 1024  # DOCS["predict"]: 413 PayloadTooLarge beyond
 PREDICT_TIME_LIMIT_S = 60  # DOCS["predict"]: "A 60 second timeout ... can't be changed"
 #: DOCS["predict"]: "Yes, with backoff" for these three.
@@ -349,8 +363,9 @@ class ProgressReader:
 def upload_artifact(client: Any, model_id: str, zip_path: str | Path) -> dict[str, Any]:
     """Upload the artifact zip to the model as a stream, with a progress bar.
 
-    The file is never read into memory (the Console's limit is 100 MB; the SDK takes up to
-    6 GB this way). Returns ``{"bytes": ..., "max_read": ...}``.
+    The file is never read into memory (the Console's limit is 100 MB). For artifacts over
+    :data:`DIRECT_UPLOAD_LIMIT_BYTES` use :func:`upload_artifact_by_size`, which goes through
+    Object Storage. Returns ``{"bytes": ..., "max_read": ...}``.
     """
     import oci
 
@@ -372,6 +387,133 @@ def upload_artifact(client: Any, model_id: str, zip_path: str | Path) -> dict[st
     finally:
         reader.close()
     return {"bytes": reader.size, "max_read": reader.max_read}
+
+
+def object_storage_client(
+    auth: OciAuth,
+    service_endpoint: str | None = None,
+    *,
+    retry_strategy: Any = None,
+    timeout: tuple[float, float] = (10.0, 300.0),
+) -> Any:
+    """An ``ObjectStorageClient`` for ``auth`` (the large-artifact route)."""
+    import oci
+
+    config, kwargs = _client_kwargs(auth, service_endpoint, retry_strategy, timeout)
+    return oci.object_storage.ObjectStorageClient(config, **kwargs)
+
+
+def upload_artifact_via_object_storage(
+    client: Any,
+    storage: Any,
+    model_id: str,
+    zip_path: str | Path,
+    *,
+    namespace: str,
+    bucket: str,
+    region: str,
+    part_bytes: int = OBJECT_STORAGE_PART_BYTES,
+    poll_s: float = 30.0,
+    timeout_s: float = 3600.0,
+) -> dict[str, Any]:
+    """Put the zip in ``bucket`` (multipart, with a progress bar), have the catalog copy it
+    into the model (``export_model_artifact``, a work request: DOCS["sdk_export"]), then
+    delete the staged object. Returns ``{"bytes", "object", "parts_bytes"}``."""
+    import oci
+    from oci.data_science.models import ArtifactExportDetailsObjectStorage as Source
+    from oci.data_science.models import ExportModelArtifactDetails
+    from oci.object_storage import UploadManager
+    from tqdm import tqdm
+
+    zip_path = Path(zip_path)
+    size = zip_path.stat().st_size
+    name = f"gpt2-triton-artifacts/{model_id}.zip"
+    manager = UploadManager(storage, allow_parallel_uploads=False)
+    with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc="to bucket") as bar:
+        try:
+            manager.upload_file(
+                namespace,
+                bucket,
+                name,
+                str(zip_path),
+                part_size=part_bytes,
+                progress_callback=bar.update,
+            )
+        except oci.exceptions.ServiceError as exc:
+            raise _service_error(exc, f"Uploading to bucket {bucket!r}") from exc
+    details = ExportModelArtifactDetails(
+        artifact_export_details=Source(
+            artifact_source_type="ORACLE_OBJECT_STORAGE",
+            namespace=namespace,
+            source_bucket=bucket,
+            source_object_name=name,
+            source_region=region,
+        )
+    )
+    try:
+        response = client.export_model_artifact(model_id, details)
+    except oci.exceptions.ServiceError as exc:
+        raise _service_error(exc, "export_model_artifact") from exc
+    work_request = wait_for_work_request(
+        client,
+        response.headers["opc-work-request-id"],
+        poll_s=poll_s,
+        timeout_s=timeout_s,
+        desc="into the catalog",
+    )
+    if work_request.status != "SUCCEEDED":
+        raise TutorialError(
+            f"The catalog could not take the artifact from oci://{bucket}@{namespace}/{name} "
+            f"(work request {work_request.status}): check that the bucket is in {region} and "
+            "that your group may read it. The object stays in the bucket; delete it there."
+        )
+    storage.delete_object(namespace, bucket, name)
+    return {"bytes": size, "object": name, "part_bytes": part_bytes}
+
+
+def upload_artifact_by_size(
+    client: Any,
+    model_id: str,
+    zip_path: str | Path,
+    *,
+    storage: Any = None,
+    namespace: str = "",
+    bucket: str = "",
+    region: str = "",
+    limit_bytes: int = DIRECT_UPLOAD_LIMIT_BYTES,
+    part_bytes: int = OBJECT_STORAGE_PART_BYTES,
+    poll_s: float = 30.0,
+) -> dict[str, Any]:
+    """Upload the artifact straight to the catalog up to ``limit_bytes``, through Object
+    Storage above it (``storage``, ``namespace``, ``bucket`` and ``region`` are needed then).
+    Returns the upload's figures with ``route``: ``"direct"`` or ``"object_storage"``."""
+    zip_path = Path(zip_path)
+    if not zip_path.is_file():
+        raise TutorialError(
+            f"No artifact zip at {zip_path}: run notebooks/03_model_repository.ipynb first."
+        )
+    size = zip_path.stat().st_size
+    if size <= limit_bytes:
+        return {"route": "direct", **upload_artifact(client, model_id, zip_path)}
+    if storage is None or not (namespace and bucket and region):
+        raise TutorialError(
+            f"The artifact is {size / 1e9:.1f} GB, above {limit_bytes / 1e9:.1f} GB: it goes "
+            "through Object Storage. Set ARTIFACT_BUCKET to a bucket in this region and "
+            "OBJECT_STORAGE_NAMESPACE (`oci os ns get`), with a policy that lets you manage "
+            "objects in it."
+        )
+    done = upload_artifact_via_object_storage(
+        client,
+        storage,
+        model_id,
+        zip_path,
+        namespace=namespace,
+        bucket=bucket,
+        region=region,
+        part_bytes=part_bytes,
+        poll_s=poll_s,
+    )
+    return {"route": "object_storage", **done}
 
 
 def delete_model(client: Any, model_id: str) -> None:
