@@ -29,7 +29,8 @@ answers the way OCI answers; each rule names its public source.
   the deployment's compartment (the compartment its ``read repos`` policy names), does not
   exist in the image's region, or is in another region than the deployment (``RULES["region"]``); FAILED when Triton would not answer the health check (ports). Deleting a deployment
   stops its server; :meth:`OciStandIn.stop` stops all.
-- ``POST /{md_ocid}/predict`` works like ``CONTAINER_TYPE=TRITON``: it forwards the body to the
+- ``POST /{md_ocid}/predict`` works as ``CONTAINER_TYPE=TRITON`` is inferred to work (Oracle's
+  Triton sample; the mapping itself is not documented): it forwards the body to the
   deployment's ``/v2/models/{model_name}/versions/{model_version}/infer``. The model is picked
   by the ``model_name`` / ``model_version`` headers, the only spelling OCI documents (Oracle's
   Triton sample). What OCI does without ``model_name`` is not documented (``RULES

@@ -429,9 +429,10 @@ def find_engine(
         )
     raise TutorialError(
         "No working container engine (" + "; ".join(problems) + "). Building and pushing the "
-        "serving image needs Docker or Podman: run this notebook on a workstation that has one, "
-        "or in OCI Cloud Shell (it has Docker). OCI Data Science notebook sessions cannot run a "
-        "container engine, so this step cannot run there."
+        "serving image needs Docker or Podman: run this notebook on a workstation or an OCI "
+        "Compute VM that has one (50 GB of disk or more). OCI Data Science notebook sessions "
+        "cannot run a container engine, so this step cannot run there, and OCI Cloud Shell's "
+        "5 GB of home storage cannot hold the base image (README, The serving image's size)."
     )
 
 
@@ -654,9 +655,9 @@ def push_image(
                 f"{host} refused the push of {reference}:\n{_tail(out, 6)}\nWhat to do: log in "
                 "first (registry_login; logins expire when the auth token is deleted); check that "
                 "the namespace in the reference is your tenancy's; that your group may push "
-                "(policy `Allow group <group> to manage repos in tenancy`, or in the compartment "
-                "of an existing repository); and that a repository of that name, if it exists, "
-                "is in a compartment you can manage."
+                "(policy `allow group <your-group> to manage repos in compartment "
+                "<compartment>`: README, IAM policies); and that a repository of that name, if "
+                "it exists, is in that compartment."
             )
         if any(word in lower for word in ("invalid reference", "name invalid", "lowercase")):
             raise TutorialError(
