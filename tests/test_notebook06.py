@@ -43,6 +43,7 @@ def no_resource_principal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run(out_dir: Path, **parameters: object) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
     return run_notebook("06_deploy_oci", out_dir, **parameters)
 
 
@@ -308,3 +309,59 @@ def test_two_runs_are_both_recorded_found_and_deleted_by_the_clean_up(
             "(bills until deleted)" in text
         )
         assert f"deleted model_deployment {deployment_id}" in text
+
+
+@pytest.mark.slow
+def test_notebook07_measures_the_kept_deployment_with_its_recorded_variant_and_deletes_it(
+    tiny_workdir: Path, tiny_state, triton_server, tmp_path: Path, monkeypatch
+) -> None:
+    """06 keeps a CPU deployment (CLEAN_UP = False); 07 finds it in state.json, labels its rows
+    with the variant of the artifact that was uploaded (MODEL_INFO.json), lists it as still
+    billing and, with CLEAN_UP_OCI = True, deletes it."""
+    require_local_triton()
+    creds = make_test_credentials(tmp_path / "oci")
+    with OciStandIn(creds, triton_url=triton_server.url, polls_to_finish=2) as standin:
+        standin.add_repository(COMPARTMENT, REPOSITORY)
+        standin.record_push(IMAGE, DIGEST)
+        monkeypatch.setenv(ENDPOINT_OVERRIDE_ENV, standin.url)
+        standin.creds = creds
+        run(
+            tmp_path / "06",
+            **standin_parameters(
+                standin, USE_GPU=False, CLEAN_UP=False, MAX_NEW_TOKENS=2, ALLOW_RANDOM_WEIGHTS=True
+            ),
+        )
+        ((deployment_id, deployment),) = standin.deployments.items()
+        assert deployment.lifecycle_state == "ACTIVE"
+        (tmp_path / "07").mkdir()
+        out = run_notebook(
+            "07_latency_cpu_gpu",
+            tmp_path / "07",
+            MEASURE_LOCAL_CPU=False,
+            MEASURE_INPROCESS_CPU=False,
+            MEASURE_LOCAL_GPU=False,
+            OCI_CONFIG_FILE=str(creds.config_file),
+            WARMUP=0,
+            ITERATIONS=1,
+            NEW_TOKENS=2,
+            PROMPT_LENGTHS=[8],
+            CONCURRENCY_LEVELS=[1],
+            CONCURRENCY_ITERATIONS=1,
+            CLEAN_UP_OCI=True,
+        )
+        assert standin.unhandled == []
+    text = outputs(out)
+    url = f"{deployment.model_deployment_url}/predict"
+    assert f"oci-cpu: VM.Standard.E4.Flex, fp32, {url}" in text
+    assert (
+        f"Deleting model_deployment {deployment.display_name} (ACTIVE) {deployment_id} "
+        "(bills until deleted)" in text
+    )
+    assert standin.live() == []
+    recorded = json.loads((tiny_workdir / "state.json").read_text())["deployments"]
+    assert recorded[deployment_id]["deleted"] is True
+    from tutorial.results import read_results
+
+    results = re.search(r"this run's results: (\S+)", text).group(1)
+    rows = read_results([results])
+    assert rows and {(r["target"], r["model_variant"]) for r in rows} == {("oci-cpu", "fp32")}
