@@ -56,16 +56,29 @@ def test_the_test_knob_is_not_a_parameter() -> None:
     assert "ENDPOINT" not in text and "ALLOW_RANDOM_WEIGHTS = False" in text
 
 
-@pytest.fixture
-def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def _standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **options: object):
+    """The stand-in with what notebook 05 leaves (the repository, the pushed image), reached
+    through TUTORIAL_OCI_ENDPOINT; it must have handled every request."""
     creds = make_test_credentials(tmp_path / "oci")
-    with OciStandIn(creds, polls_to_finish=3) as server:
+    with OciStandIn(creds, **options) as server:
         server.add_repository(COMPARTMENT, REPOSITORY)  # what notebook 05 creates
         server.record_push(IMAGE, DIGEST)  # and pushes
         monkeypatch.setenv(ENDPOINT_OVERRIDE_ENV, server.url)
         server.creds = creds
         yield server
         assert server.unhandled == []
+
+
+@pytest.fixture
+def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each deployment starts the real local Triton on its artifact."""
+    yield from _standin(tmp_path, monkeypatch, polls_to_finish=3)
+
+
+@pytest.fixture
+def shared_standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, triton_server):
+    """Every deployment's container is the session's Triton (no server per deployment)."""
+    yield from _standin(tmp_path, monkeypatch, triton_url=triton_server.url, polls_to_finish=2)
 
 
 def standin_parameters(standin: OciStandIn, **overrides: object) -> dict:
@@ -274,27 +287,19 @@ def test_notebook06_end_to_end(
 
 @pytest.mark.slow
 def test_two_runs_are_both_recorded_found_and_deleted_by_the_clean_up(
-    tiny_workdir: Path, tiny_state, triton_server, tmp_path: Path, monkeypatch
+    tiny_workdir: Path, tiny_state, shared_standin: OciStandIn, tmp_path: Path
 ) -> None:
     """Run 06 twice: the first keeps its deployment (CLEAN_UP = False, as for notebook 07), the
     second cleans up everything of the tutorial (CLEAN_UP_ALL = True). Both deployments are in
-    state.json, and the clean-up names and deletes both. Every deployment's container is the
-    session's Triton (no server started per deployment)."""
-    require_local_triton()
-    creds = make_test_credentials(tmp_path / "oci")
-    with OciStandIn(creds, triton_url=triton_server.url, polls_to_finish=2) as standin:
-        standin.add_repository(COMPARTMENT, REPOSITORY)
-        standin.record_push(IMAGE, DIGEST)
-        monkeypatch.setenv(ENDPOINT_OVERRIDE_ENV, standin.url)
-        standin.creds = creds
-        common = dict(MAX_NEW_TOKENS=2, ALLOW_RANDOM_WEIGHTS=True)
-        run(tmp_path / "first", **standin_parameters(standin, CLEAN_UP=False, **common))
-        first = set(standin.deployments)
-        out = run(
-            tmp_path / "second",
-            **standin_parameters(standin, USE_GPU=False, CLEAN_UP_ALL=True, **common),
-        )
-        assert standin.unhandled == []
+    state.json, and the clean-up names and deletes both."""
+    standin = shared_standin
+    common = dict(MAX_NEW_TOKENS=2, ALLOW_RANDOM_WEIGHTS=True)
+    run(tmp_path / "first", **standin_parameters(standin, CLEAN_UP=False, **common))
+    first = set(standin.deployments)
+    out = run(
+        tmp_path / "second",
+        **standin_parameters(standin, USE_GPU=False, CLEAN_UP_ALL=True, **common),
+    )
     assert len(first) == 1 and len(standin.deployments) == 2
     assert standin.live() == []
     recorded = json.loads((tiny_workdir / "state.json").read_text())["deployments"]
@@ -313,43 +318,32 @@ def test_two_runs_are_both_recorded_found_and_deleted_by_the_clean_up(
 
 @pytest.mark.slow
 def test_notebook07_measures_the_kept_deployment_with_its_recorded_variant_and_deletes_it(
-    tiny_workdir: Path, tiny_state, triton_server, tmp_path: Path, monkeypatch
+    tiny_workdir: Path, tiny_state, shared_standin: OciStandIn, tmp_path: Path
 ) -> None:
     """06 keeps a CPU deployment (CLEAN_UP = False); 07 finds it in state.json, labels its rows
     with the variant of the artifact that was uploaded (MODEL_INFO.json), lists it as still
     billing and, with CLEAN_UP_OCI = True, deletes it."""
-    require_local_triton()
-    creds = make_test_credentials(tmp_path / "oci")
-    with OciStandIn(creds, triton_url=triton_server.url, polls_to_finish=2) as standin:
-        standin.add_repository(COMPARTMENT, REPOSITORY)
-        standin.record_push(IMAGE, DIGEST)
-        monkeypatch.setenv(ENDPOINT_OVERRIDE_ENV, standin.url)
-        standin.creds = creds
-        run(
-            tmp_path / "06",
-            **standin_parameters(
-                standin, USE_GPU=False, CLEAN_UP=False, MAX_NEW_TOKENS=2, ALLOW_RANDOM_WEIGHTS=True
-            ),
-        )
-        ((deployment_id, deployment),) = standin.deployments.items()
-        assert deployment.lifecycle_state == "ACTIVE"
-        (tmp_path / "07").mkdir()
-        out = run_notebook(
-            "07_latency_cpu_gpu",
-            tmp_path / "07",
-            MEASURE_LOCAL_CPU=False,
-            MEASURE_INPROCESS_CPU=False,
-            MEASURE_LOCAL_GPU=False,
-            OCI_CONFIG_FILE=str(creds.config_file),
-            WARMUP=0,
-            ITERATIONS=1,
-            NEW_TOKENS=2,
-            PROMPT_LENGTHS=[8],
-            CONCURRENCY_LEVELS=[1],
-            CONCURRENCY_ITERATIONS=1,
-            CLEAN_UP_OCI=True,
-        )
-        assert standin.unhandled == []
+    standin = shared_standin
+    parameters = dict(USE_GPU=False, CLEAN_UP=False, MAX_NEW_TOKENS=2, ALLOW_RANDOM_WEIGHTS=True)
+    run(tmp_path / "06", **standin_parameters(standin, **parameters))
+    ((deployment_id, deployment),) = standin.deployments.items()
+    assert deployment.lifecycle_state == "ACTIVE"
+    (tmp_path / "07").mkdir()
+    out = run_notebook(
+        "07_latency_cpu_gpu",
+        tmp_path / "07",
+        MEASURE_LOCAL_CPU=False,
+        MEASURE_INPROCESS_CPU=False,
+        MEASURE_LOCAL_GPU=False,
+        OCI_CONFIG_FILE=str(standin.creds.config_file),
+        WARMUP=0,
+        ITERATIONS=1,
+        NEW_TOKENS=2,
+        PROMPT_LENGTHS=[8],
+        CONCURRENCY_LEVELS=[1],
+        CONCURRENCY_ITERATIONS=1,
+        CLEAN_UP_OCI=True,
+    )
     text = outputs(out)
     url = f"{deployment.model_deployment_url}/predict"
     assert f"oci-cpu: VM.Standard.E4.Flex, fp32, {url}" in text
