@@ -1220,6 +1220,28 @@ def test_refusals_read_from_the_artifact(tmp_path: Path) -> None:
     assert od.artifact_model_info(artifact_without_info(tmp_path)) == {}
 
 
+def test_a_model_that_does_not_fit_the_shape_is_refused() -> None:
+    from tutorial.model_source import GPT2_FAMILY
+
+    def info(size: str, variant: str = "fp32", **dims: int) -> dict:
+        dims = dims or GPT2_FAMILY[size]
+        return {**dims, "size": size, "variant": variant, "shapes": "gpu or cpu", "weights": "real"}
+
+    assert od.gpu_memory_gb("VM.GPU.A10.1") == 24 and od.gpu_memory_gb("BM.GPU4.8") == 40
+    assert od.gpu_memory_gb("VM.GPU.Unknown.1") is None
+    large = info("gpt2-large")  # 2 x 3.35 GB of weights, 0.38 GB of cache, 2 GB of server
+    assert 9.0 < od.memory_needed_gb(large) < 9.2
+    [refusal] = od.deployment_refusals(large, "VM.Standard.E4.Flex", memory_in_gbs=8)
+    assert refusal.startswith("gpt2-large needs about 9.1 GB (2 copies of its weights")
+    assert "but VM.Standard.E4.Flex is asked for 8 GB" in refusal
+    assert od.deployment_refusals(large, "VM.Standard.E4.Flex", memory_in_gbs=16) == []
+    assert od.deployment_refusals(info("gpt2-xl"), "VM.GPU.A10.1") == []  # 15.7 GB of 24
+    huge = info("a 3B GPT-2", n_layer=64, n_head=16, n_embd=2048)
+    [refusal] = od.deployment_refusals(huge, "VM.GPU.A10.1")
+    assert "but each GPU of VM.GPU.A10.1 has 24 GB" in refusal
+    assert od.deployment_refusals({"weights": "real"}, "VM.GPU.A10.1") == []  # no dims: no guess
+
+
 def artifact_without_info(tmp_path: Path) -> Path:
     path = tmp_path / "plain.zip"
     with zipfile.ZipFile(path, "w") as zf:

@@ -590,17 +590,84 @@ def is_gpu_shape(shape: str) -> bool:
     return ".GPU" in shape
 
 
+#: Memory of one GPU of each GPU shape, GB (OCI's compute shapes page,
+#: https://docs.oracle.com/en-us/iaas/Content/Compute/References/computeshapes.htm: A10 24 GB,
+#: P100 and V100 16 GB, A100 40 GB (GPU4) or 80 GB (A100-v2), H100 80 GB, L40S 48 GB). Each GPU
+#: holds the GPU models' weights: Triton places one instance of a KIND_AUTO model per GPU.
+GPU_MEMORY_GB = {
+    "VM.GPU.A10": 24,
+    "BM.GPU.A10": 24,
+    "VM.GPU2": 16,
+    "BM.GPU2": 16,
+    "VM.GPU3": 16,
+    "BM.GPU3": 16,
+    "BM.GPU4": 40,
+    "BM.GPU.A100-v2": 80,
+    "BM.GPU.H100": 80,
+    "BM.GPU.L40S": 48,
+}
+
+#: Copies of the fp32 weights one server holds, on each GPU or in the CPU's memory: the seed
+#: ensemble's ``gpt2`` and the generation engine.
+SERVER_WEIGHT_COPIES = 2
+
+#: What a server needs beside the weights and one full-context KV cache, GB: the CUDA context,
+#: onnxruntime's workspace, Triton and its python stubs (an estimate, not a measurement).
+SERVER_OVERHEAD_GB = 2.0
+
+
+def gpu_memory_gb(shape: str) -> int | None:
+    """The memory of one GPU of ``shape`` in GB, or None for a shape not in the table."""
+    return next((gb for prefix, gb in GPU_MEMORY_GB.items() if shape.startswith(prefix)), None)
+
+
+def memory_needed_gb(info: dict[str, Any]) -> float | None:
+    """What one server of this artifact needs, GB: :data:`SERVER_WEIGHT_COPIES` copies of the
+    weights (fp32, or int8 for the int8 variant's engine), one full-context KV cache and
+    :data:`SERVER_OVERHEAD_GB`; None when MODEL_INFO.json has no model dims."""
+    from tutorial.sizes import sizes_of
+
+    try:
+        size = sizes_of(info)
+    except (KeyError, TypeError, ValueError):
+        return None
+    engine = size["onnx_int8"] if info.get("variant") == "int8" else size["onnx_fp32"]
+    weights = size["onnx_fp32"] + (SERVER_WEIGHT_COPIES - 1) * engine
+    return (weights + size["kv_full_context"]) / 1e9 + SERVER_OVERHEAD_GB
+
+
 def deployment_refusals(
-    info: dict[str, Any], shape: str, *, allow_random_weights: bool = False
+    info: dict[str, Any],
+    shape: str,
+    *,
+    allow_random_weights: bool = False,
+    memory_in_gbs: float | None = None,
 ) -> list[str]:
     """Why this artifact should not be deployed on ``shape`` (empty list: go ahead).
 
     - random weights (the offline stand-in) would bill a GPU or CPU shape per hour to serve
       gibberish, unless ``allow_random_weights`` says the learner means it;
     - an int8 artifact (``shapes: "cpu"``) on a GPU shape: the dynamic int8 model runs on the
-      CPU, so the GPU would be paid for and idle (fp32 serves on any shape).
+      CPU, so the GPU would be paid for and idle (fp32 serves on any shape);
+    - a model that does not fit: :func:`memory_needed_gb` against one GPU of the shape
+      (:data:`GPU_MEMORY_GB`) or the Flex shape's ``memory_in_gbs``; the deployment would
+      report ready and fail its first requests, or not start.
     """
     refusals = []
+    needed = memory_needed_gb(info)
+    have = gpu_memory_gb(shape) if is_gpu_shape(shape) else memory_in_gbs
+    if needed is not None and have is not None and needed > have:
+        where = (
+            f"each GPU of {shape} has {have} GB"
+            if is_gpu_shape(shape)
+            else (f"{shape} is asked for {have:g} GB")
+        )
+        refusals.append(
+            f"{info.get('size', 'The model')} needs about {needed:.1f} GB ("
+            f"{SERVER_WEIGHT_COPIES} copies of its weights, a full-context KV cache and "
+            f"{SERVER_OVERHEAD_GB:g} GB for the server), but {where}. Choose a larger shape "
+            "(or more memory for a Flex shape), or a smaller member of the GPT-2 family."
+        )
     if info.get("weights") == "random-offline" and not allow_random_weights:
         refusals.append(
             "The artifact holds RANDOM weights (notebook 01's offline stand-in, weights: "
