@@ -17,13 +17,42 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def with_advanced_settings(path: Path, parameters: dict):
+    """The notebook at ``path``, with the settings of its ``advanced`` cell that ``parameters``
+    name set in a cell right after that cell (papermill injects after the ``parameters`` cell,
+    which the advanced cell follows). Removes those names from ``parameters``."""
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for index, cell in enumerate(nb.cells):
+        if "advanced" not in cell.metadata.get("tags", []):
+            continue
+        names = {
+            target.id
+            for node in ast.parse(cell.source).body
+            if isinstance(node, ast.Assign)
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        late = {name: parameters.pop(name) for name in list(parameters) if name in names}
+        if late:
+            source = "\n".join(f"{name} = {value!r}" for name, value in late.items())
+            injected = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-advanced"]})
+            nb.cells.insert(index + 1, injected)
+    return nb
+
+
 def run_notebook(name: str, out_dir: Path, **parameters) -> Path:
-    """Execute notebooks/<name>.ipynb with papermill (cwd notebooks/), like `make run` does."""
+    """Execute notebooks/<name>.ipynb with papermill (cwd notebooks/), like `make run` does;
+    a setting of the notebook's advanced cell is set right after that cell."""
     import papermill
 
     out = out_dir / f"{name}.ipynb"
+    nb = with_advanced_settings(ROOT / "notebooks" / f"{name}.ipynb", parameters)
     papermill.execute_notebook(
-        str(ROOT / "notebooks" / f"{name}.ipynb"),
+        nb,
         str(out),
         parameters=parameters,
         cwd=str(ROOT / "notebooks"),

@@ -382,27 +382,19 @@ def test_oci_target_sends_signed_requests(triton_server, prompts, tmp_path):
 def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
     import nbformat
     import onnxruntime
-    import papermill
 
-    readme_copy = tmp_path / "latency_cpu_gpu.png"
-    out = tmp_path / "07_latency_cpu_gpu.ipynb"
-    papermill.execute_notebook(
-        str(ROOT / "notebooks" / "07_latency_cpu_gpu.ipynb"),
-        str(out),
-        parameters={
-            "WARMUP": 1,
-            "ITERATIONS": 2,
-            "NEW_TOKENS": 4,
-            "PROMPT_LENGTHS": [8],
-            "CONCURRENCY_LEVELS": [1, 2],
-            "CONCURRENCY_ITERATIONS": 1,
-            "MAX_SECONDS_PER_SERIES": 60,
-            "WRITE_README_IMAGE": True,
-            "README_IMAGE": str(readme_copy),
-        },
-        cwd=str(ROOT / "notebooks"),
-        kernel_name="python3",
-        progress_bar=False,
+    from tests.conftest import run_notebook
+
+    out = run_notebook(
+        "07_latency_cpu_gpu",
+        tmp_path,
+        WARMUP=1,
+        ITERATIONS=2,
+        NEW_TOKENS=4,
+        PROMPT_LENGTHS=[8],
+        CONCURRENCY_LEVELS=[1, 2],
+        CONCURRENCY_ITERATIONS=1,
+        MAX_SECONDS_PER_SERIES=60,
     )
     plots_dir = tiny_workdir / "results" / "plots"
     names = (
@@ -413,7 +405,6 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
     )
     for name in names:
         assert (plots_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert readme_copy.read_bytes() == (plots_dir / names[0]).read_bytes()
 
     rows = read_results(str(tiny_workdir / "results" / "latency_*.csv"))
     targets = {r["target"] for r in rows}
@@ -433,8 +424,6 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
     text = "".join(
         o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs
     )
-    # Triton counted every request on both servers (the notebook asserts it per series)
-    assert "local-cpu-unbatched generate prompt=10 new=4 c=2: 2 calls" in text
     assert "3 rows with batching off" in text
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert "local-gpu" not in targets

@@ -340,10 +340,18 @@ def test_missing_targets_are_drawn_not_measured():
     assert "local-gpu: not measured" in texts
 
 
+def test_the_legend_names_a_gpu_colour_only_when_a_gpu_was_measured():
+    cpu_only = [_complete(r) for r in synthetic_rows(("local-cpu", "inprocess-cpu"))]
+    texts = _texts(plots.plot_latency_bars(cpu_only))
+    assert "GPU: not measured" in texts and "GPU targets: greens" not in texts
+    assert "CPU targets: blues and purples" in texts
+
+
 def test_measured_gpu_fills_its_slot():
     rows = [_complete(r) for r in synthetic_rows(("local-cpu", "local-gpu", "oci-cpu", "oci-gpu"))]
     texts = _texts(plots.plot_latency_bars(rows))
     assert plots.NOT_MEASURED not in texts
+    assert "GPU targets: greens" in texts and "GPU: not measured" not in texts
     assert not any("not measured" in t for t in _texts(plots.plot_latency_cdf(rows)))
 
 

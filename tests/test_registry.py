@@ -511,17 +511,10 @@ NOTEBOOK = REPO_ROOT / "notebooks" / "05_build_push_image.ipynb"
 
 
 def run_notebook(output: Path, parameters: dict) -> str:
-    import papermill
+    from tests.conftest import run_notebook as run
 
-    papermill.execute_notebook(
-        str(NOTEBOOK),
-        str(output),
-        parameters=parameters,
-        cwd=str(NOTEBOOK.parent),
-        kernel_name="python3",
-        progress_bar=False,
-    )
-    return output.read_text()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return run(NOTEBOOK.stem, output.parent, **parameters).read_text()
 
 
 @pytest.mark.slow

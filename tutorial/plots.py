@@ -66,7 +66,7 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-#: One colour per known target: CPU targets in blues and purples, GPU targets in greens.
+#: One colour per known target: CPU targets in blues and purples (in-process: purple), GPU targets in greens.
 TARGET_COLORS = {
     "local-cpu": "#2166ac",
     "local-cpu-unbatched": "#92c5de",
@@ -293,14 +293,19 @@ def plot_latency_bars(
         ax.margins(y=0.15)
     from matplotlib.patches import Patch
 
+    # The legend names a GPU colour only when a GPU target was measured.
+    if any("gpu" in r["target"] for r in rows):
+        gpu = Patch(facecolor=TARGET_COLORS["local-gpu"], label="GPU targets: greens")
+    else:
+        gpu = Patch(facecolor="none", edgecolor="0.6", linestyle="--", label="GPU: not measured")
     fig.legend(
         handles=[
             Patch(facecolor="0.35", label="p50 (solid)"),
             Patch(
                 facecolor="0.35", alpha=0.55, hatch="//", edgecolor="white", label="p95 (hatched)"
             ),
-            Patch(facecolor=TARGET_COLORS["local-cpu"], label="CPU targets: blues"),
-            Patch(facecolor=TARGET_COLORS["local-gpu"], label="GPU targets: greens"),
+            Patch(facecolor=TARGET_COLORS["local-cpu"], label="CPU targets: blues and purples"),
+            gpu,
         ],
         loc="outside lower center",
         ncols=4,
