@@ -26,7 +26,7 @@ BUILD := build/notebooks
 # without credentials).
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: run test bench family-bench export-memory lint format venv which-python clean
+.PHONY: run test bench family-bench export-memory readme-image lint format venv which-python clean
 
 # Which Python, or why none: runs before anything is installed.
 which-python:
@@ -85,6 +85,12 @@ family-bench: venv
 # Peak memory of each of notebook 02's export stages, printed (after notebook 01).
 export-memory: venv
 	$(BIN)/python benchmarks/export_memory.py
+
+# The README's chart (images/latency_cpu_gpu.png): notebook 07's p50/p95 chart from the last
+# `make run`. A maintainer step; check its title (model, weights, targets) before committing it.
+readme-image: venv
+	$(BIN)/python -c "import helpers; plots = helpers.paths()['results_dir'] / 'plots'; \
+	print('wrote', helpers.copy_for_readme({'latency_bars': plots / 'latency_p50_p95_by_target.png'}, 'images/latency_cpu_gpu.png'))"
 
 lint: venv
 	$(BIN)/ruff check .
