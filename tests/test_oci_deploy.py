@@ -417,7 +417,7 @@ def test_request_rules_checked_before_sending() -> None:
     with pytest.raises(TutorialError) as err:
         od.check_deployment_request(details)
     lines = str(err.value).splitlines()
-    assert lines[0] == "The deployment request breaks OCI's rules (README, Troubleshooting):"
+    assert lines[0] == "The deployment request breaks OCI's rules (docs/troubleshooting.md):"
     assert lines[1:] == [
         "  - the command starts Triton on port 8000 but server_port is 9000: the health "
         "check would never succeed",

@@ -21,6 +21,7 @@ HTTP 400 or a FAILED deployment (each constant below names its source in ``DOCS`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -172,7 +173,7 @@ def oci_auth(config_file: str | Path = "~/.oci/config", profile: str = "DEFAULT"
             raise TutorialError(
                 f"{RESOURCE_PRINCIPAL_ENV} is set, so this looks like an OCI notebook session, "
                 f"but the resource principal signer failed: {exc}. Check that the session's "
-                "dynamic group has the policies in the README (IAM policies)."
+                "dynamic group has the policies in docs/iam-policies.md."
             ) from exc
         region = getattr(signer, "region", None) or os.environ.get("OCI_RESOURCE_PRINCIPAL_REGION")
         return OciAuth("resource_principal", {"region": region}, signer)
@@ -270,11 +271,23 @@ def _service_error(exc: Exception, what: str) -> TutorialError:
         400: "the request was refused as invalid; the message says which field.",
         401: "the request signature was refused: check the API key, its fingerprint and the "
         "config file (or the session's resource principal).",
-        404: "not found or not authorized: check the OCIDs and the IAM policies in the README.",
+        404: "not found or not authorized: check the OCIDs and the IAM policies in docs/iam-policies.md.",
         409: "the resource is in a state that does not allow this yet.",
         429: "too many requests: wait a minute and run the cell again.",
     }.get(status or 0, "see the message.")
     return TutorialError(f"{what} failed: HTTP {status} {code}: {message} ({hint})")
+
+
+@contextlib.contextmanager
+def oci_errors(what: str):
+    """Around an OCI SDK call: its ``ServiceError`` becomes a :class:`TutorialError` that says
+    what failed and what to do (``with oci_errors("create_model"): client.create_model(...)``)."""
+    import oci
+
+    try:
+        yield
+    except oci.exceptions.ServiceError as exc:
+        raise _service_error(exc, what) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +304,6 @@ def create_model(
     freeform_tags: dict[str, str] | None = None,
 ) -> Any:
     """Create a model in the catalog (no artifact yet) and return it (``oci...models.Model``)."""
-    import oci
     from oci.data_science.models import CreateModelDetails
 
     details = CreateModelDetails(
@@ -301,10 +313,8 @@ def create_model(
         description=description or None,
         freeform_tags=dict(freeform_tags or TUTORIAL_TAG),
     )
-    try:
+    with oci_errors("create_model"):
         return client.create_model(details).data
-    except oci.exceptions.ServiceError as exc:
-        raise _service_error(exc, "create_model") from exc
 
 
 class ProgressReader:
@@ -359,6 +369,12 @@ class ProgressReader:
         self._file.close()
         self.bar.close()
 
+    def __enter__(self) -> ProgressReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def upload_artifact(client: Any, model_id: str, zip_path: str | Path) -> dict[str, Any]:
     """Upload the artifact zip to the model as a stream, with a progress bar.
@@ -367,25 +383,19 @@ def upload_artifact(client: Any, model_id: str, zip_path: str | Path) -> dict[st
     :data:`DIRECT_UPLOAD_LIMIT_BYTES` use :func:`upload_artifact_by_size`, which goes through
     Object Storage. Returns ``{"bytes": ..., "max_read": ...}``.
     """
-    import oci
 
     zip_path = Path(zip_path)
     if not zip_path.is_file():
         raise TutorialError(
             f"No artifact zip at {zip_path}: run notebooks/03_model_repository.ipynb first."
         )
-    reader = ProgressReader(zip_path)
-    try:
+    with ProgressReader(zip_path) as reader, oci_errors("create_model_artifact"):
         client.create_model_artifact(
             model_id,
             reader,
             content_length=reader.size,
             content_disposition=f"attachment; filename={zip_path.name}",
         )
-    except oci.exceptions.ServiceError as exc:
-        raise _service_error(exc, "create_model_artifact") from exc
-    finally:
-        reader.close()
     return {"bytes": reader.size, "max_read": reader.max_read}
 
 
@@ -933,7 +943,7 @@ def check_deployment_request(details: Any) -> Any:
     )
     if problems:
         raise TutorialError(
-            "The deployment request breaks OCI's rules (README, Troubleshooting):\n  - "
+            "The deployment request breaks OCI's rules (docs/troubleshooting.md):\n  - "
             + "\n  - ".join(problems)
         )
     return details
@@ -1108,12 +1118,8 @@ def request_json(details: Any) -> str:
 
 def create_deployment(client: Any, details: Any) -> tuple[Any, str]:
     """Send the create request; return ``(deployment, work_request_id)``."""
-    import oci
-
-    try:
+    with oci_errors("create_model_deployment"):
         response = client.create_model_deployment(details)
-    except oci.exceptions.ServiceError as exc:
-        raise _service_error(exc, "create_model_deployment") from exc
     return response.data, response.headers.get("opc-work-request-id", "")
 
 
@@ -1168,7 +1174,7 @@ def _logs_hint(deployment: Any) -> str:
     return (
         "No logs are attached to this deployment, so this message is all OCI reports: create "
         "a log group with a predict and an access log, set LOG_GROUP_OCID, PREDICT_LOG_OCID "
-        "and ACCESS_LOG_OCID, and deploy again to see Triton's output (README, Troubleshooting)."
+        "and ACCESS_LOG_OCID, and deploy again to see Triton's output (docs/troubleshooting.md)."
     )
 
 
@@ -1330,7 +1336,7 @@ def predict(
             f"HTTP 404 NotAuthorizedOrNotFound from {url}: either no policy lets you call this "
             "deployment's /predict, or the endpoint is wrong (it is the deployment's "
             "model_deployment_url + '/predict', in the deployment's region, and the deployment "
-            f"must be ACTIVE). The policy to add (README, IAM policies): {PREDICT_POLICY}"
+            f"must be ACTIVE). The policy to add (docs/iam-policies.md): {PREDICT_POLICY}"
         )
     if status != 200:
         raise TutorialError(

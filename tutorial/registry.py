@@ -432,7 +432,7 @@ def find_engine(
         "serving image needs Docker or Podman: run this notebook on a workstation or an OCI "
         "Compute VM that has one (50 GB of disk or more). OCI Data Science notebook sessions "
         "cannot run a container engine, so this step cannot run there, and OCI Cloud Shell's "
-        "5 GB of home storage cannot hold the base image (README, The serving image's size)."
+        "5 GB of home storage cannot hold the base image (docs/tested-versions.md, The serving image's size)."
     )
 
 
@@ -614,7 +614,7 @@ def check_image_size(size: int, reference: str = "the image") -> str:
             f"{line}, so it is not pushed. A model deployment must pull its image within 20 "
             f"minutes, and OCI requires the image to be within 16 GB ({IMAGE_LIMIT_DOC}). Make "
             "it smaller: compose a Triton image with only the python and onnxruntime backends "
-            "(Triton's compose.py), or build on the -py3-min image (README, The serving "
+            "(Triton's compose.py), or build on the -py3-min image (docs/tested-versions.md, The serving "
             "image's size)."
         )
     return line + "."
@@ -656,7 +656,7 @@ def push_image(
                 "first (registry_login; logins expire when the auth token is deleted); check that "
                 "the namespace in the reference is your tenancy's; that your group may push "
                 "(policy `allow group <your-group> to manage repos in compartment "
-                "<compartment>`: README, IAM policies); and that a repository of that name, if "
+                "<compartment>`: docs/iam-policies.md); and that a repository of that name, if "
                 "it exists, is in that compartment."
             )
         if any(word in lower for word in ("invalid reference", "name invalid", "lowercase")):
@@ -778,7 +778,7 @@ def ensure_container_repository(
                 f"Container Registry refused to list or create {display_name!r} in compartment "
                 f"{compartment_id} (HTTP {exc.status} {exc.code}: {exc.message}). Your group "
                 "needs: allow group <your-group> to manage repos in compartment <compartment> "
-                "(README, IAM policies)."
+                "(docs/iam-policies.md)."
             ) from exc
         raise TutorialError(
             f"Container Registry: HTTP {exc.status} {exc.code}: {exc.message}"
