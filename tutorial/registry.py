@@ -463,8 +463,10 @@ def registry_login(
     username: str,
     *,
     token_env: str = AUTH_TOKEN_ENV,
+    argv: list[str] | None = None,
 ) -> None:
-    """``<engine> login <host> --username <username> --password-stdin``.
+    """``<engine> login <host> --username <username> --password-stdin`` (or ``argv``, the same
+    command written out by the caller), explaining a refusal.
 
     The auth token comes from ``$token_env`` or a getpass prompt, goes to the engine on stdin,
     and is dropped; the engine keeps the credential in its own store (Docker:
@@ -472,10 +474,13 @@ def registry_login(
     ``${XDG_RUNTIME_DIR}/containers/auth.json``). Log out with :func:`registry_logout`.
     """
     token = _read_token(token_env, f"OCIR auth token for {username}: ")
-    argv = engine.command(
-        "login", *engine.login_args, "--username", username, "--password-stdin", host
-    )
-    print(f"$ {engine.name} login {host} --username {username} --password-stdin")
+    if argv is None:
+        argv = engine.command(
+            "login", *engine.login_args, "--username", username, "--password-stdin", host
+        )
+        print(f"$ {engine.name} login {host} --username {username} --password-stdin")
+    if "--password-stdin" not in argv:
+        raise TutorialError("The login command must read the token from stdin: --password-stdin.")
     rc, out = _run(argv, stdin_text=token, secrets=[token], echo=False, timeout=120)
     message = _mask(_tail(out, 6), [token])
     del token
@@ -515,25 +520,28 @@ def build_image(
     dockerfile: str | Path = DOCKERFILE,
     context: str | Path | None = None,
     platform: str | None = "linux/amd64",
+    argv: list[str] | None = None,
 ) -> float:
-    """``<engine> build -f <dockerfile> -t <reference> <context>``, streaming the engine's
-    output; returns the seconds it took.
+    """``<engine> build -f <dockerfile> -t <reference> <context>`` (or ``argv``, the same
+    command written out by the caller), streaming the engine's output and explaining a
+    failure; returns the seconds it took.
 
     ``platform`` defaults to ``linux/amd64`` because OCI's GPU shapes are x86_64 (on an Apple
     Silicon Mac this builds under emulation). Podman builds in Docker's image format, which
     keeps the HEALTHCHECK (the OCI format drops it).
     """
     reference = check_image_reference(reference)
-    dockerfile = Path(dockerfile).resolve()
-    if not dockerfile.is_file():
-        raise TutorialError(f"No Dockerfile at {dockerfile}: check DOCKERFILE.")
-    context = Path(context).resolve() if context is not None else dockerfile.parent
-    argv = engine.command("build", *engine.build_args, "-f", str(dockerfile), "-t", reference)
-    if engine.name == "podman":
-        argv += ["--format", "docker"]
-    if platform:
-        argv += ["--platform", platform]
-    argv.append(str(context))
+    if argv is None:
+        dockerfile = Path(dockerfile).resolve()
+        if not dockerfile.is_file():
+            raise TutorialError(f"No Dockerfile at {dockerfile}: check DOCKERFILE.")
+        context = Path(context).resolve() if context is not None else dockerfile.parent
+        argv = engine.command("build", *engine.build_args, "-f", str(dockerfile), "-t", reference)
+        if engine.name == "podman":
+            argv += ["--format", "docker"]
+        if platform:
+            argv += ["--platform", platform]
+        argv.append(str(context))
     print("$ " + " ".join(argv))
     start = time.perf_counter()
     rc, out = _run(argv)
@@ -543,7 +551,7 @@ def build_image(
         hint = "Read the engine's output above; fix the Dockerfile or the engine, then re-run."
         if "no space left" in lower:
             hint = (
-                "The disk is full: the Triton base image needs about 15 GB unpacked. Free space "
+                "The disk is full: the Triton base image is about 15.5 GB unpacked (NVIDIA, 24.06). Free space "
                 f"(`{engine.name} system prune`) or build on a machine with more disk."
             )
         elif "exec format error" in lower:
@@ -621,10 +629,15 @@ def check_image_size(size: int, reference: str = "the image") -> str:
 
 
 def push_image(
-    engine: ContainerEngine, reference: str, *, max_bytes: int | None = OCI_IMAGE_LIMIT_BYTES
+    engine: ContainerEngine,
+    reference: str,
+    *,
+    max_bytes: int | None = OCI_IMAGE_LIMIT_BYTES,
+    argv: list[str] | None = None,
 ) -> str:
-    """``<engine> push <reference>``, streaming progress; returns the manifest digest
-    (``sha256:...``) the registry now serves for it.
+    """``<engine> push <reference>`` (or ``argv``, the same command written out by the caller),
+    streaming progress and explaining a refusal; returns the manifest digest (``sha256:...``)
+    the registry now serves for it.
 
     Refuses an image over ``max_bytes`` (OCI's 16 GB limit for model deployment images) before
     uploading anything. Podman writes the digest with ``--digestfile``; for Docker it is read
@@ -639,10 +652,13 @@ def push_image(
     host = reference.partition("/")[0]
     with tempfile.TemporaryDirectory(prefix="push-") as tmp:
         digest_file = Path(tmp) / "digest"
-        argv = engine.command("push", *engine.push_args)
-        if engine.name == "podman":
-            argv += ["--digestfile", str(digest_file)]
-        argv.append(reference)
+        if argv is None:
+            argv = engine.command("push", *engine.push_args)
+            if engine.name == "podman":
+                argv += ["--digestfile", str(digest_file)]
+            argv.append(reference)
+        elif "--digestfile" in argv:
+            digest_file = Path(argv[argv.index("--digestfile") + 1])
         print("$ " + " ".join(argv))
         start = time.perf_counter()
         rc, out = _run(argv)
