@@ -20,20 +20,22 @@ BOXES = {
     "generate": (
         2.6,
         0.6,
-        1.8,
+        2.6,
         1.0,
-        "generate (BLS)\n+ generate_stream\nloop + KV cache",
+        "generate + generate_stream\npython; the KV-cache loop runs\nin its own onnxruntime session",
         "#fce5cd",
     ),
-    "past": (5.9, 0.6, 1.8, 1.0, "gpt2_with_past\nonnxruntime\nfp32 GPU | int8 CPU", "#d9ead3"),
+    "past": (7.0, 0.6, 1.9, 1.0, "gpt2_with_past\nonnxruntime\nfp32 GPU | int8 CPU", "#d9ead3"),
 }
 ARROWS = [
     ("client", "encoder", "TEXT\nBYTES [1]"),
     ("encoder", "gpt2", "input_ids, attention_mask\nINT32 [1, L]"),
     ("gpt2", "decoder", "last_logits\nFP32 [1, 50257]"),
     ("client", "generate", "TEXT, MAX_NEW_TOKENS"),
-    ("generate", "past", "ids, mask, past\n<-> logits, present"),
 ]
+#: Not a request: generate loads gpt2_with_past's model.onnx into its own session (step_runner
+#: "onnxruntime", the default); with step_runner "bls" it calls the gpt2_with_past model instead.
+FILE_LINK = ("generate", "past", "reads its model.onnx\n(calls it only with\nstep_runner bls)")
 
 
 OUT = Path(__file__).with_name("pipeline.png")
@@ -50,14 +52,19 @@ def main(out: Path = OUT) -> Path:
         )
     )
     ax.text(
-        2.5, 4.5, "ensemble_model: one call = one next token (the seed's interface)", fontsize=9
+        2.5,
+        4.5,
+        "ensemble_model: one call = one next token (the original sample's interface)",
+        fontsize=9,
     )
     ax.add_patch(
         FancyBboxPatch(
-            (2.4, 0.3), 5.5, 1.6, boxstyle="round,pad=0.05", fc="none", ec="#888", ls="--"
+            (2.4, 0.3), 6.7, 1.6, boxstyle="round,pad=0.05", fc="none", ec="#888", ls="--"
         )
     )
-    ax.text(2.5, 2.0, "generate: one call = N tokens, cache kept on the server", fontsize=9)
+    ax.text(
+        2.5, 2.0, "generate: one call = N tokens, the KV cache kept in its own process", fontsize=9
+    )
     for x, y, w, h, label, color in BOXES.values():
         ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.05", fc=color, ec="#333"))
         ax.text(x + w / 2, y + h / 2, label, ha="center", va="center", fontsize=8.5)
@@ -72,6 +79,14 @@ def main(out: Path = OUT) -> Path:
             tx, ty = 1.0, 1.5
         ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, color="#333"))
         ax.text(tx, ty, label, ha="center", va="bottom", fontsize=7.5, color="#222")
+    a, b, label = FILE_LINK
+    ax_, ay, aw, ah = BOXES[a][:4]
+    bx, by, bw, bh = BOXES[b][:4]
+    start, end = (bx - 0.05, by + bh / 2), (ax_ + aw + 0.05, ay + ah / 2)
+    ax.add_patch(
+        FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color="#777", ls="--")
+    )
+    ax.text((start[0] + end[0]) / 2, by + bh / 2 - 0.06, label, ha="center", va="top", fontsize=7)
     ax.set_title("GPT-2 on Triton: the model repository served locally and on OCI", fontsize=11)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
