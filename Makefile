@@ -73,7 +73,7 @@ run: venv
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The generation benchmark (README, "Performance"): needs notebooks 01-03 run first (make run).
+# The generation benchmark (docs/performance.md): needs notebooks 01-03 run first (make run).
 bench: venv
 	$(BIN)/python benchmarks/bench_generation.py
 

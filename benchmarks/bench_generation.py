@@ -587,7 +587,7 @@ def report(
 
     seed_name, tf_name = "a) seed loop, ensemble", "d) TF generate(), fp32"
     # keys: the letters of the table (a/b fp32 = seed loop total / generate fp32 total), as
-    # the README's tables name them; what each is, in the printout
+    # docs/performance.md's tables name them; what each is, in the printout
     ratios: dict[str, float] = {}
     what: dict[str, str] = {}
 

@@ -1,11 +1,11 @@
-"""Several `make bench` runs side by side, as Markdown (the README's Performance tables).
+"""Several `make bench` runs side by side, as Markdown (the tables in docs/performance.md).
 
     python benchmarks/bench_runs.py run1.json run2.json run3.json
 
 Each file is a ``results/bench_generation.json`` that ``benchmarks/bench_generation.py`` wrote
 (copy it away after each run: the next run overwrites it). Prints, for each run, the per-token
 p50 of every method, the floors, the ratios and the concurrency table's tokens per second, so
-the README's figures come from the runs' own output, not from copying by hand.
+the figures in docs/performance.md come from the runs' own output, not from copying by hand.
 """
 
 from __future__ import annotations
