@@ -2,6 +2,7 @@
 
     python benchmarks/family_bench.py                          # distilgpt2 gpt2 gpt2-medium
     python benchmarks/family_bench.py --members gpt2-large --root /tmp/family
+    python benchmarks/family_bench.py --reuse     # the exports kept: notebook 03 and the rest
 
 For each member, in its own work folder under ``--root``: notebooks 01-03 with the offline
 stand-in (``MODEL_SOURCE=offline``, ``MODEL_ID=<member>``: the member's architecture with random
@@ -48,12 +49,18 @@ DEFAULT_MEMBERS = ("distilgpt2", "gpt2", "gpt2-medium")
 PROMPT = "My dog is cute, but he barks a lot."
 
 
-def run_notebooks(work: Path, member: str) -> dict[str, float]:
-    """Notebooks 01-03 on ``member``'s offline stand-in in ``work``; seconds per notebook."""
+def run_notebooks(work: Path, member: str, reuse: bool = False) -> dict[str, float]:
+    """Notebooks 01-03 on ``member``'s offline stand-in in ``work``; seconds per notebook.
+    ``reuse``: where notebook 02 already exported into ``work``, run notebook 03 only (the
+    repository and zip from the current code; the export's figures stay those measured)."""
     env = {**os.environ, "TUTORIAL_WORKDIR": str(work), "MODEL_SOURCE": "offline"}
     env["MODEL_ID"] = member
     seconds = {}
-    for name in ("01_download_gpt2", "02_export_onnx", "03_model_repository"):
+    names = ["01_download_gpt2", "02_export_onnx", "03_model_repository"]
+    state = work / "state.json"
+    if reuse and state.exists() and "onnx" in json.loads(state.read_text()):
+        names = names[2:]
+    for name in names:
         start = time.monotonic()
         print(f"[{member}] {name} ...", flush=True)
         cmd = [sys.executable, "-m", "papermill", "--cwd", "notebooks", "--kernel", "python3"]
@@ -100,11 +107,13 @@ def serve(zip_path: Path, tokens: int) -> dict[str, Any]:
         server.stop()
 
 
-def measure(member: str, root: Path, steps: int, bandwidth: float) -> dict[str, Any]:
+def measure(
+    member: str, root: Path, steps: int, bandwidth: float, reuse: bool = False
+) -> dict[str, Any]:
     from tutorial.model_source import load_tokenizer
 
     work = root / member
-    row: dict[str, Any] = {"member": member, "notebooks_s": run_notebooks(work, member)}
+    row: dict[str, Any] = {"member": member, "notebooks_s": run_notebooks(work, member, reuse)}
     state = json.loads((work / "state.json").read_text())
     model, onnx = state["model"], state["onnx"]
     size = sizes.sizes_of(model)
@@ -176,6 +185,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "artifacts" / "family")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "family.md")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep each member's export; rerun notebook 03 on"
+    )
     args = parser.parse_args()
     from bench_generation import matvec_bandwidth
 
@@ -191,7 +203,7 @@ def main() -> None:
     for member in args.members:
         rows = [r for r in rows if r["member"] != member]
         try:
-            rows.append(measure(member, args.root, args.steps, bandwidth))
+            rows.append(measure(member, args.root, args.steps, bandwidth, args.reuse))
         except Exception as exc:  # noqa: BLE001 - a member's failure is a result too
             rows.append({"member": member, "error": f"{type(exc).__name__}: {exc}"[:300]})
         print(json.dumps(rows[-1], indent=1), flush=True)

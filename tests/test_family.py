@@ -148,3 +148,36 @@ def test_second_architecture_with_external_data_serves_token_exact(wide_workdir)
         assert r.json()["outputs"][0]["data"] == [tok.decode(expected[:1])]
     finally:
         server.stop()
+
+
+def test_save_onnx_gives_each_file_its_own_external_data(tmp_path, monkeypatch):
+    """Past the threshold the weights go to ``<file>.data``; the model saved twice (as notebook
+    02 saves the step model, then the plain one) gives two self-contained files."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tutorial.onnx_surgery import onnx_files, save_onnx
+
+    weight = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert save_onnx(model, tmp_path / "small.onnx") == [tmp_path / "small.onnx"]  # under 2 GB
+    monkeypatch.setenv("TUTORIAL_EXTERNAL_DATA_MB", "0.001")
+    first, second = tmp_path / "a" / "first.onnx", tmp_path / "b" / "second.onnx"
+    assert save_onnx(model, first) == [first, first.with_name("first.onnx.data")]
+    assert save_onnx(model, second) == [second, second.with_name("second.onnx.data")]
+    x = np.ones((1, 64), np.float32)
+    for path in (first, second):
+        (y,) = ort.InferenceSession(str(path)).run(None, {"x": x})
+        np.testing.assert_allclose(y, x @ weight, rtol=1e-5, atol=1e-5)
+    (first.with_name("first.onnx.data")).unlink()
+    with pytest.raises(TutorialError, match=r"names external data that is not beside it"):
+        onnx_files(first)

@@ -53,6 +53,11 @@ def save_onnx(model: Any, path: Path) -> list[Path]:
             location=data.name,
             size_threshold=1024,
         )
+        # onnx.save moved the weights out of ``model`` into the file: read them back, so the
+        # caller's model is whole again (the next save must not point into this file)
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(path.parent))
     else:
         onnx.save(model, str(path))
     return onnx_files(path)
