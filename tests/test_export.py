@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -98,12 +100,17 @@ def write_light_model(folder: Path, weights: dict[str, np.ndarray]) -> Path:
     return folder / "light.onnx"
 
 
-def test_assemble_puts_every_weight_back_and_derives_both_models(tmp_path):
+@pytest.mark.parametrize("external", [False, True], ids=["in-file", "external-data"])
+def test_assemble_puts_every_weight_back_and_derives_both_models(tmp_path, monkeypatch, external):
+    """Both models from the converted graph and the traced weights; past the external-data
+    threshold (set low here) the weights stream into one data file both models refer to."""
     import onnx
     import onnxruntime as ort
 
-    from tutorial.onnx_surgery import assemble
+    from tutorial.onnx_surgery import assemble, onnx_files, trim_to_last_logits
 
+    if external:
+        monkeypatch.setenv("TUTORIAL_EXTERNAL_DATA_MB", "0")
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(5, 2)).astype(np.float32)
     bias = rng.normal(size=2).astype(np.float32)
@@ -112,6 +119,13 @@ def test_assemble_puts_every_weight_back_and_derives_both_models(tmp_path):
     info = assemble(tmp_path, light, past_path, full_path, log=lambda _: None)
     assert info["attached"] == ["bias", "emb"]
     assert len(info["folded"]) == 1 and info["folded"][0].startswith("Transpose(emb)")
+    data = [tmp_path / "with_past.onnx.data"] if external else []
+    assert onnx_files(past_path) == [past_path, *data]
+    assert onnx_files(full_path) == [full_path, *data]  # one copy of the weights on disk
+    last_path = tmp_path / "last.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        trim_to_last_logits(full_path, last_path)
+    assert onnx_files(last_path) == [last_path, *data]
 
     with_past = onnx.load(str(past_path))
     assert [i.name for i in with_past.graph.input] == ["input_ids", "attention_mask", "past"]
@@ -130,6 +144,8 @@ def test_assemble_puts_every_weight_back_and_derives_both_models(tmp_path):
     all_logits, cache = full.run(None, feeds)
     assert_close(all_logits, expected, 1e-6)
     assert cache.shape == (1, 2, 2, 1, 0, 2)  # the empty past built in the graph
+    (last,) = ort.InferenceSession(str(last_path)).run(["last_logits"], feeds)
+    assert_close(last, expected[:, -1], 1e-6)
 
 
 @pytest.mark.parametrize(

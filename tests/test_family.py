@@ -115,16 +115,19 @@ def wide_workdir(tmp_path_factory):
 def test_second_architecture_with_external_data_serves_token_exact(wide_workdir):
     from tutorial.client import reference_generate
     from tutorial.model_source import load_tf_model, load_tokenizer
+    from tutorial.onnx_surgery import onnx_files
     from tutorial.triton_local import serve_artifact
 
     state = json.loads((wide_workdir / "state.json").read_text())
     model = state["model"]
     assert model["source"] == "local" and model["weights"] == "random-offline"  # the mark
     assert (model["n_layer"], model["n_head"], model["n_embd"]) == (3, 3, 96)
+    unpacked = wide_workdir / "unpacked"
     with zipfile.ZipFile(wide_workdir / "model_artifact.zip") as zf:
-        names = set(zf.namelist())
-    for name in ("gpt2/1/gpt2_last_logits.onnx.data", "gpt2_with_past/1/gpt2_with_past.onnx.data"):
-        assert f"model_repository/{name}" in names, name  # the weights travel beside model.onnx
+        zf.extractall(unpacked)
+    models = sorted(unpacked.rglob("*.onnx"))
+    assert models  # every ONNX file's external data travels beside it (onnx_files checks)
+    assert all(len(onnx_files(m)) == 2 for m in models), [onnx_files(m) for m in models]
 
     require_local_triton()
     tf_model = load_tf_model(wide_workdir / "gpt2model")

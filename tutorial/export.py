@@ -335,7 +335,7 @@ def quantize_int8(fp32: Path, output: Path, simplify: bool = True) -> dict[str, 
         model = onnx.load(str(fp32))
         done = simplify_decoder(model)
         source = Path(output).with_name(f"{Path(output).stem}.simplified.onnx")
-        save_onnx(model, source)
+        save_onnx(model, source, keep=False)
         del model
     Path(f"{output}.data").unlink(missing_ok=True)
     try:

@@ -35,9 +35,11 @@ def external_data_threshold() -> int:
     return int(float(mb) * 1e6) if mb else EXTERNAL_DATA_BYTES
 
 
-def save_onnx(model: Any, path: Path) -> list[Path]:
+def save_onnx(model: Any, path: Path, keep: bool = True) -> list[Path]:
     """Save ``model`` at ``path``, its weights in ``<name>.data`` beside it when the file would
-    pass :func:`external_data_threshold`. Returns the files written (see :func:`onnx_files`)."""
+    pass :func:`external_data_threshold`. Returns the files written (see :func:`onnx_files`).
+    ``keep=False``: the caller is done with ``model``, whose weights may then be left out of it
+    (saving with external data moves them to the file)."""
     import onnx
 
     path = Path(path)
@@ -55,9 +57,10 @@ def save_onnx(model: Any, path: Path) -> list[Path]:
         )
         # onnx.save moved the weights out of ``model`` into the file: read them back, so the
         # caller's model is whole again (the next save must not point into this file)
-        from onnx.external_data_helper import load_external_data_for_model
+        if keep:
+            from onnx.external_data_helper import load_external_data_for_model
 
-        load_external_data_for_model(model, str(path.parent))
+            load_external_data_for_model(model, str(path.parent))
     else:
         onnx.save(model, str(path))
     return onnx_files(path)
@@ -115,9 +118,13 @@ def _fold(node: Any, args: list[np.ndarray]) -> np.ndarray:
 
 
 def attach_weights(
-    model: Any, parts_dir: Path, log: Callable[[str], None] = print
+    model: Any, parts_dir: Path, log: Callable[[str], None] = print, data: Path | None = None
 ) -> dict[str, list[str]]:
     """Turn the converted graph's weight inputs into initializers holding the real values.
+
+    With ``data``, the values are written one weight at a time into that file and the
+    initializers refer to it (ONNX external data, its name relative to the model's folder):
+    the weights are never all in memory at once, which bounds the export of large models.
 
     Every weight ``trace`` wrote must be an input of the graph, with the same name, dtype and
     shape, and every input other than :data:`STEP_INPUTS` must be a weight; otherwise this
@@ -125,6 +132,7 @@ def attach_weights(
     weights are constants: the transposed embedding the LM head multiplies by) are folded.
     Returns the names attached and a line per folded node.
     """
+    import onnx
     from onnx import helper
 
     parts = json.loads((parts_dir / "parts.json").read_text())
@@ -182,16 +190,33 @@ def attach_weights(
     folded += matmul_weights_2d(graph, values)
 
     used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
-    for name in list(values):
-        value = values.pop(name)  # the initializer becomes the only copy
-        if name not in used:
-            continue
-        tensor = graph.initializer.add()
-        tensor.name = name
-        tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
-        tensor.dims.extend(value.shape)
-        tensor.raw_data = np.ascontiguousarray(value).tobytes()
-        del value
+    out = open(data, "wb") if data is not None else None  # noqa: SIM115 - closed below
+    offset = 0
+    try:
+        for name in list(values):
+            value = values.pop(name)  # the initializer becomes the only copy
+            if name not in used:
+                continue
+            tensor = graph.initializer.add()
+            tensor.name = name
+            tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+            tensor.dims.extend(value.shape)
+            value = np.ascontiguousarray(value)
+            if out is None:
+                tensor.raw_data = value.tobytes()
+            else:
+                out.write(memoryview(value).cast("B"))  # from the mapped file, page by page
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, item in (("location", data.name), ("offset", offset)):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, str(item)
+                entry = tensor.external_data.add()
+                entry.key, entry.value = "length", str(value.nbytes)
+                offset += value.nbytes
+            del value  # unmaps the weight's file
+    finally:
+        if out is not None:
+            out.close()
     prune_unused(graph)
     log(f"attached {len(manifest)} weights (name, dtype and shape checked); folded: {folded}")
     return {"attached": sorted(manifest), "folded": folded}
@@ -323,13 +348,23 @@ def assemble(
 
     model = onnx.load(str(light))
     onnx.checker.check_model(model)  # the graph without weights: cheap to check
-    info = attach_weights(model, parts_dir, log)
+    parts = json.loads((parts_dir / "parts.json").read_text())
+    weight_bytes = sum((parts_dir / w["file"]).stat().st_size for w in parts["weights"])
+    # Past the threshold the weights stream into one data file that both models refer to.
+    data = with_past.with_name(f"{with_past.name}.data")
+    data.unlink(missing_ok=True)
+    external = weight_bytes > external_data_threshold()
+    with_past.parent.mkdir(parents=True, exist_ok=True)
+    info = attach_weights(model, parts_dir, log, data=data if external else None)
     graph = model.graph
 
     outputs = {o.name: _copy(o) for o in graph.output}
     keep_outputs(graph, ["logits", "present"])
-    save_onnx(model, with_past)
-    log(f"wrote {with_past} ({with_past.stat().st_size / 1e6:.1f} MB)")
+    if external:
+        onnx.save(model, str(with_past))  # the graph; its weights are already in ``data``
+    else:
+        save_onnx(model, with_past)
+    log(f"wrote {with_past} ({sum(f.stat().st_size for f in onnx_files(with_past)) / 1e6:.1f} MB)")
 
     del graph.output[:]
     graph.output.extend([outputs["all_logits"], outputs["present"]])
@@ -337,9 +372,14 @@ def assemble(
     rename_tensor(graph, "all_logits", "logits")
     rename_tensor(graph, "present", "past_key_values")
     added = with_empty_past(graph)
-    save_onnx(model, full)
+    if external:
+        full.with_name(f"{full.name}.data").unlink(missing_ok=True)  # an earlier export's
+        onnx.save(model, str(full))  # refers to ``data`` too: one copy of the weights on disk
+    else:
+        save_onnx(model, full)
     log(
-        f"wrote {full} ({full.stat().st_size / 1e6:.1f} MB): {len(added)} nodes build the empty past"
+        f"wrote {full} ({sum(f.stat().st_size for f in onnx_files(full)) / 1e6:.1f} MB): "
+        f"{len(added)} nodes build the empty past"
     )
     return {**info, "empty_past_nodes": [onnx.helper.printable_node(n) for n in added]}
 
@@ -368,7 +408,7 @@ def trim_to_last_logits(full: Path, output: Path) -> dict[str, Any]:
 
     from tutorial.export import onnx_signature
 
-    model = onnx.load(str(full))
+    model = onnx.load(str(full), load_external_data=False)  # external weights stay on disk
     graph = model.graph
     names = [o.name for o in graph.output]
     if "logits" not in names:
@@ -400,7 +440,14 @@ def trim_to_last_logits(full: Path, output: Path) -> dict[str, Any]:
         print("  ", helper.printable_node(node))
     print(f"pruned {before - len(graph.node)} nodes that only computed the dropped outputs")
     print(f"after:  {output.name} -> {_outputs_text(graph)}")
-    save_onnx(model, output)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        # the trimmed graph refers to the same data file as ``full``; it must sit beside it
+        if Path(output).parent.resolve() != Path(full).parent.resolve():
+            raise TutorialError(f"{output} must be in {Path(full).parent}, beside its weights")
+        Path(f"{output}.data").unlink(missing_ok=True)
+        onnx.save(model, str(output))
+    else:
+        save_onnx(model, output, keep=False)
     del model
     onnx.checker.check_model(str(output))
     return onnx_signature(output)
