@@ -31,7 +31,7 @@ def load_model_module():
     sys.modules["triton_python_backend_utils"] = stub
     try:
         spec = importlib.util.spec_from_file_location(
-            "generate_engine_under_test", REPO_ROOT / "model_repository/generate/1/model.py"
+            "generate_engine_under_test", REPO_ROOT / "model_repository/generate_stream/1/model.py"
         )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -116,6 +116,7 @@ def local_repository(repository: Path, dest: Path) -> list[str]:
         config.default_model_filename = ""
         config.platform = ""
         config.backend = "python"
+        config.ClearField("optimization")  # the CUDA provider's options: no GPU here
         set_instance_kind(config, "KIND_CPU")
         write_config(config, dest / model_dir.name / "config.pbtxt")
         for item in (model_dir / "1").iterdir():
@@ -144,6 +145,9 @@ class TritonServer:
     log_path: Path
     converted: list[str] = field(default_factory=list)
     started_s: float = 0.0
+    #: Triton's gRPC endpoint (``127.0.0.1:<port>``) and Prometheus metrics URL, where served.
+    grpc_url: str | None = None
+    metrics_url: str | None = None
     container: str | None = None
     artifact_root: Path | None = None
     command: list[str] = field(default_factory=list)
@@ -235,8 +239,8 @@ def wait_until_ready(server: TritonServer, timeout: float) -> None:
 #: is the derived one, and it listens on a free loopback port, HTTP only.
 REPLACED_FLAGS = (
     "--model-repository=", "--http-port=", "--http-address=", "--grpc-port=",
-    "--metrics-port=", "--allow-grpc=", "--allow-metrics=", "--backend-directory=",
-    "--cache-directory=",
+    "--grpc-address=", "--metrics-port=", "--metrics-address=", "--allow-grpc=",
+    "--allow-metrics=", "--backend-directory=", "--cache-directory=",
 )  # fmt: skip
 
 
@@ -289,6 +293,7 @@ def _launch_bundled(
     )
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     kept = [a for a in server_args if not a.startswith(REPLACED_FLAGS)]
+    grpc_port, metrics_port = free_port(), free_port()  # gRPC streams; the engine's counters
     cmd = [
         str(server_dir / "bin" / "tritonserver"),
         f"--model-repository={tmp.name}",
@@ -297,8 +302,11 @@ def _launch_bundled(
         f"--cache-directory={server_dir / 'caches'}",
         f"--http-port={http_port}",
         "--http-address=127.0.0.1",
-        "--allow-grpc=false",
-        "--allow-metrics=false",
+        f"--grpc-port={grpc_port}",
+        "--grpc-address=127.0.0.1",
+        f"--metrics-port={metrics_port}",
+        "--metrics-address=127.0.0.1",
+        "--allow-gpu-metrics=false",
     ]
     if not any(a.startswith("--log-verbose=") for a in kept):
         cmd.append("--log-verbose=0")
@@ -311,7 +319,8 @@ def _launch_bundled(
     log.close()
     return TritonServer(
         f"http://127.0.0.1:{http_port}", "bundled", proc, log_path, converted, _tmp=tmp,
-        command=shown,
+        command=shown, grpc_url=f"127.0.0.1:{grpc_port}",
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
     )  # fmt: skip
 
 
