@@ -7,6 +7,7 @@ only needs ``import helpers``. Importing it is cheap: no TensorFlow, onnxruntime
 """
 
 from tutorial.client import (  # noqa: F401
+    engine_counters,
     infer_json,
     launch_local_triton,
     model_stats,

@@ -220,6 +220,26 @@ def called_models(config: Any) -> list[str]:
     return called
 
 
+def model_imports(repository: Path) -> dict[str, set[str]]:
+    """The third-party top-level modules each python-backend ``model.py`` under ``repository``
+    imports (the standard library and Triton's own ``triton_python_backend_utils`` left out):
+    what the serving image must carry."""
+    import ast
+    import sys
+
+    found = {}
+    for path in sorted(Path(repository).glob("*/1/model.py")):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        found[path.parent.parent.name] = {
+            top
+            for top in (m.split(".")[0] for m in names)
+            if top not in sys.stdlib_module_names and top != "triton_python_backend_utils"
+        }
+    return found
+
+
 def validate_repository(repo: Path) -> dict[str, Any]:
     """Check every model against its files and the ensemble's wiring; raise on the first
     class of problems with a message that names each mismatch. Returns the parsed configs."""

@@ -41,7 +41,8 @@ NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 #: The onnxruntime that Triton 24.10's onnxruntime backend is built on (Triton's 24.10 release
 #: notes); requirements.txt pins the same, so the local server computes with the cloud's library.
 TRITON_ONNXRUNTIME = "1.19.2"
-TOKENIZERS_PIN = "tokenizers==0.22.1"  # as in requirements.txt and docker/Dockerfile
+#: The serving image's Dockerfile: the one list of what the python-backend models need.
+DOCKERFILE = Path(__file__).resolve().parent.parent / "docker" / "Dockerfile"
 SHIM_MODEL = Path(__file__).with_name("onnx_shim_model.py")
 
 
@@ -358,6 +359,21 @@ def gpu_present() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
+def dockerfile_packages(dockerfile: Path = DOCKERFILE) -> list[str]:
+    """The pinned packages (``name==version``) the Dockerfile's ``pip install`` adds to the NGC
+    image: what the python-backend models import beyond it. Read from the file, so a plain NGC
+    container gets exactly what the built image has."""
+    text = re.sub(r"\\\n", " ", Path(dockerfile).read_text())  # join continuation lines
+    packages = []
+    for line in text.splitlines():
+        if line.startswith("RUN ") and "pip install" in line:
+            command = line.split("&&")[0]
+            packages += [w for w in shlex.split(command) if "==" in w and not w.startswith("-")]
+    if not packages:
+        raise TutorialError(f"{dockerfile} has no pinned `pip install`: nothing to install.")
+    return packages
+
+
 def docker_command(
     artifact_root: Path,
     server_args: list[str],
@@ -366,25 +382,29 @@ def docker_command(
     name: str,
     gpus: bool,
     shm_size: str = "1g",
+    metrics_port: int | None = None,
 ) -> list[str]:
     """``docker run`` with the unpacked artifact mounted read-only where OCI mounts it, and
     the deployment's Triton arguments.
 
-    The plain NGC image lacks the tokenizer package the python-backend models import; with it,
-    the container installs the pinned ``tokenizers`` before starting Triton (the image built in
-    notebook 05 has it already).
+    The plain NGC image lacks the packages the python-backend models import (the tokenizer,
+    onnxruntime); with it, the container first installs exactly the Dockerfile's pinned
+    packages (:func:`dockerfile_packages`), so it serves what the image notebook 05 builds
+    serves (that image has them already).
     """
     serve = ["tritonserver", *server_args]
     if image == NGC_IMAGE:
+        install = " ".join(shlex.quote(p) for p in dockerfile_packages())
         serve = [
             "bash",
             "-c",
-            f"pip install -q --no-deps {TOKENIZERS_PIN} && exec {' '.join(serve)}",
+            f"pip install -q --no-cache-dir --no-deps {install} && exec {' '.join(serve)}",
         ]
     return [
         "docker", "run", "--rm", "--name", name, f"--shm-size={shm_size}",
         *(["--gpus", "all"] if gpus else []),
         "-p", f"127.0.0.1:{http_port}:8000",
+        *(["-p", f"127.0.0.1:{metrics_port}:8002"] if metrics_port else []),
         "-v", f"{Path(artifact_root).resolve()}:{OCI_ARTIFACT_ROOT}:ro",
         image, *serve,
     ]  # fmt: skip
@@ -395,16 +415,19 @@ def _launch_docker(
 ) -> TritonServer:
     name = f"tutorial-triton-{http_port}"
     args = [a for a in server_args if not a.startswith(("--http-port=", "--http-address="))]
+    metrics_port = free_port()  # the engine's counters (Triton's metrics, port 8002 inside)
     cmd = docker_command(
-        artifact_root, [*args, "--http-port=8000"], http_port, image, name, gpu_present()
-    )
+        artifact_root, [*args, "--http-port=8000"], http_port, image, name, gpu_present(),
+        metrics_port=metrics_port,
+    )  # fmt: skip
     log = open(log_path, "w")  # noqa: SIM115
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     log.close()
     return TritonServer(
-        f"http://127.0.0.1:{http_port}", "docker", proc, log_path, container=name, command=cmd
-    )
+        f"http://127.0.0.1:{http_port}", "docker", proc, log_path, container=name, command=cmd,
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+    )  # fmt: skip
 
 
 def launch_triton(
