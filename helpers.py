@@ -132,6 +132,7 @@ from tutorial.registry import (  # noqa: F401
     build_image,
     check_image_reference,
     check_image_size,
+    compressed_size_bytes,
     ensure_container_repository,
     find_engine,
     image_reference,

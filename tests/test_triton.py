@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import requests
 
+from tests.conftest import require_local_triton
 from tutorial.client import infer_json, next_token_requests, reference_generate, reference_text_loop
 
 pytestmark = pytest.mark.slow
@@ -396,3 +397,64 @@ def test_a_stream_closed_mid_way_leaves_the_batch(triton_server, tiny_reference)
     assert delta["cancelled"] == 1 and delta["prefills"] == 1
     assert delta["rows"] < 999  # the row left before making its 1000 tokens
     assert_still_serving(triton_server, tiny_reference)
+
+
+def test_unloading_the_engine_leaves_no_request_unanswered(tiny_workdir):
+    """The engine unloaded (explicit model control) with 10 streams in flight, two of them still
+    queued behind the 8 rows of the batch: each gets a final response. In Triton 24.10 the
+    python backend finalizes a decoupled model once its requests are answered, so they are
+    served to the end; the engine answers any it still holds at finalize with an error
+    (tests/test_generate_engine.py checks that part)."""
+    import requests
+    import tritonclient.grpc as grpcclient
+
+    from tutorial.oci_deploy import triton_command
+    from tutorial.triton_local import serve_artifact
+
+    require_local_triton()
+    cmd = [
+        a.replace("--model-control-mode=none", "--model-control-mode=explicit")
+        for a in triton_command()
+    ]
+    server = serve_artifact(
+        tiny_workdir / "model_artifact.zip", cmd=[*cmd, "--load-model=*"], runtime="bundled"
+    )
+    streams = [{"tokens": 0, "final": False, "error": None} for _ in range(10)]
+
+    def callback(state, result, error):
+        if error is not None:
+            state["error"], state["final"] = str(error), True
+            return
+        response = result.get_response()
+        state["tokens"] += len(response.outputs) > 0
+        final = response.parameters.get("triton_final_response")
+        state["final"] = bool(final and final.bool_param)
+
+    clients = []
+    try:
+        for state in streams:
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            client.start_stream(callback=lambda r, e, s=state: callback(s, r, e))
+            client.async_stream_infer(
+                "generate_stream",
+                grpc_text_inputs("Hello world", 1000),
+                enable_empty_final_response=True,
+            )
+            clients.append(client)
+        wait_for(lambda: sum(s["tokens"] > 0 for s in streams) == 8, "8 streams starting")
+        unload = requests.post(
+            f"{server.url}/v2/repository/models/generate_stream/unload", timeout=60
+        )
+        assert unload.status_code == 200, unload.text
+        wait_for(lambda: all(s["final"] for s in streams), "a final response to every stream", 300)
+        assert streams == [{"tokens": 1000, "final": True, "error": None}] * 10
+        wait_for(
+            lambda: requests.get(f"{server.url}/v2/models/generate_stream/ready").status_code
+            != 200,
+            "the engine unloading",
+        )
+    finally:
+        for client in clients:
+            client.stop_stream()
+            client.close()
+        server.stop()

@@ -351,6 +351,7 @@ class Engine:
         self.cache = None
         self.mask = None
         self.stopping = False
+        self.unanswered = 0  # requests answered with an error when the engine stopped
         self.thread = threading.Thread(target=self.loop, name="generate-engine", daemon=True)
 
     def start(self):
@@ -421,6 +422,7 @@ class Engine:
             if job is not None:
                 left.append(job)
         self.active, self.waiting = [], []
+        self.unanswered = len(left)
         for job in left:
             job.finish(Unloading("the model is being unloaded: send the request again"))
 
@@ -642,6 +644,10 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.stop()
+        pb_utils.Logger.log_info(
+            f"{self.name}: unloaded; {self.engine.unanswered} requests in flight or queued "
+            "were answered with an error"
+        )
 
     def fits(self, rows, tokens):
         """May a batch of ``rows`` requests of up to ``tokens`` tokens run now? Only the BLS
