@@ -26,7 +26,7 @@ BUILD := build/notebooks
 # without credentials).
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: run test bench export-memory lint format venv which-python clean
+.PHONY: run test bench bench-stream family-bench export-memory lint format venv which-python clean
 
 # Which Python, or why none: runs before anything is installed.
 which-python:
@@ -76,6 +76,16 @@ test: venv
 # The generation benchmark (README, "Performance"): needs notebooks 01-03 run first (make run).
 bench: venv
 	$(BIN)/python benchmarks/bench_generation.py
+	$(BIN)/python benchmarks/bench_streaming.py
+
+# Time to first token, inter-token latency and tokens/s through generate_stream, alone.
+bench-stream: venv
+	$(BIN)/python benchmarks/bench_streaming.py
+
+# The GPT-2 family measured one member after another (docs/family.md): MEMBERS="gpt2-large" to
+# choose; each member's work folder is under artifacts/family/.
+family-bench: venv
+	$(BIN)/python benchmarks/family_bench.py $(if $(MEMBERS),--members $(MEMBERS))
 
 # Peak memory of each of notebook 02's export stages, printed (after notebook 01).
 export-memory: venv

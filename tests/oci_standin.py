@@ -26,18 +26,31 @@ answers the way OCI answers; each rule names its public source.
   none), waits for ``/v2/health/ready`` like OCI's health check, and only then turns ACTIVE.
   It ends FAILED, with Triton's own error lines in ``lifecycle_details``, when Triton exits;
   FAILED with "Unable to access the container image" when the image's repository is not in
-  the deployment's compartment (the compartment its ``read repos`` policy names) or does not
-  exist; FAILED when Triton would not answer the health check (ports). Deleting a deployment
+  the deployment's compartment (the compartment its ``read repos`` policy names), does not
+  exist in the image's region, or is in another region than the deployment (``RULES["region"]``); FAILED when Triton would not answer the health check (ports). Deleting a deployment
   stops its server; :meth:`OciStandIn.stop` stops all.
-- ``POST /{md_ocid}/predict`` works like ``CONTAINER_TYPE=TRITON``: it forwards the body to the
+- ``POST /{md_ocid}/predict`` works as ``CONTAINER_TYPE=TRITON`` is inferred to work (Oracle's
+  Triton sample; the mapping itself is not documented): it forwards the body to the
   deployment's ``/v2/models/{model_name}/versions/{model_version}/infer``. The model is picked
   by the ``model_name`` / ``model_version`` headers, the only spelling OCI documents (Oracle's
-  Triton sample); ``model-name`` / ``model-version`` are not documented, so a request that
-  only has those is refused (400) rather than guessed at. Over 10 MB: 413; no Content-Length:
+  Triton sample). What OCI does without ``model_name`` is not documented (``RULES
+  ["predict_no_model"]``): the stand-in forwards such a request with an empty name, so the
+  answer is Triton's own, not one it made up. Over 10 MB: 413; no Content-Length:
   411; past the time limit: 500 (the service's 60 s timeout); no predict policy: 404
   ``NotAuthorizedOrNotFound`` (``deny_predict``).
 - Container Registry: ``create/list/get/delete_container_repository`` (private repositories
-  in a compartment; a name is unique in the tenancy's namespace: 409 otherwise).
+  in a compartment; a name is unique in the tenancy's namespace in a region: 409 otherwise).
+- Images: a deployment's image must be one a push recorded (:meth:`OciStandIn.record_push`,
+  from the tests' local registry round trip or a fixture), by digest or tag; the image may name
+  its digest (``repo:tag@sha256:...``, RULES["image_form"]). Otherwise it FAILS with
+  "Unable to access the container image" (RULES["image_exists"]).
+- Large artifacts: Object Storage's ``put_object`` and multipart upload (create, parts with
+  their Content-MD5 checked, commit, abort; RULES["multipart"]) into buckets a test adds
+  (:meth:`OciStandIn.add_bucket`, per region), and the catalog's ``export_model_artifact``,
+  which copies the object into the model's artifact in an ``EXPORT_MODEL_ARTIFACT`` work
+  request (RULES["export_artifact"]).
+- Regions: ``url`` is the credentials' region; ``url_for(region)`` is another region's
+  endpoint. Repositories and deployments belong to the region whose endpoint created them.
 
 Knobs for error paths: :meth:`OciStandIn.fail_next_deployment`, :meth:`OciStandIn.answer_errors`,
 :meth:`OciStandIn.delay_predict`, :meth:`OciStandIn.deny_predict`. Anything it does not
@@ -73,8 +86,14 @@ PREDICT_PAYLOAD_LIMIT_BYTES = 10 * 1024 * 1024
 MAX_CLOCK_SKEW_S = 300
 #: Binary uploads OCI signs without the body headers (the SDK passes
 #: ``enforce_content_headers=False`` for them, as for Object Storage uploads).
-UNSIGNED_BODY_OPERATIONS = {"create_model_artifact"}
+UNSIGNED_BODY_OPERATIONS = {"create_model_artifact", "put_object", "upload_part"}
+#: Object Storage multipart uploads (RULES["multipart"]).
+MAX_PART_NUMBER = 10_000
+MAX_PART_BYTES = 50 * 2**30
+MIN_PART_BYTES = 10 * 2**20  # all but the last part; see RULES["multipart"]
 BOOTSTRAP_FAILED = "Errors occurred while bootstrapping the Model Deployment."
+#: The port docker/Dockerfile's HEALTHCHECK asks (the image every test deployment plays).
+IMAGE_HEALTHCHECK_PORT = 8000
 IMAGE_ACCESS_FAILED = (
     "Unable to access the container image: Data Science found no authorized path to it in the "
     "tenancy (a missing resource principal policy, an incorrect image path, or an image that "
@@ -87,6 +106,25 @@ RULES = {
     "cmd": "SDK OcirModelDeploymentEnvironmentConfigurationDetails.cmd/entrypoint: combined "
     "size under 2048 bytes",
     "flex": "https://docs.oracle.com/en-us/iaas/data-science/using/supported-shapes.htm",
+    "flex_maxima": "SDK ModelDeploymentInstanceShapeConfigDetails.ocpus/memory_in_gbs: E3/E4 "
+    "Flex 1-64 OCPUs and 6-1024 GB, Standard3.Flex 1-32 and 512 GB, Optimized3.Flex 1-18 and "
+    "256 GB",
+    "image_form": "SDK OcirModelDeploymentEnvironmentConfigurationDetails.image: "
+    "'<region>.ocir.io/<registry>/<image>:<tag>' or '...:<tag>@digest'",
+    "image_exists": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
+    "tshoot-model-deploy-byoc.htm: at create, Data Science checks that an authorized path to "
+    "the image exists; 'the image doesn't exist' fails it",
+    "multipart": "https://docs.oracle.com/iaas/Content/Object/Tasks/usingmultipartuploads.htm: "
+    "part numbers 1-10,000, parts no larger than 50 GiB; a 10 MiB minimum for all but the last "
+    "part is reported by third parties, not on Oracle's page: the stand-in applies it "
+    "(stricter at worst)",
+    "export_artifact": "SDK DataScienceClient.export_model_artifact ('Export model artifact "
+    "from source to the service bucket'), ArtifactExportDetailsObjectStorage; oracle-ads "
+    "uploads artifacts over 2 GB this way; https://docs.oracle.com/en-us/iaas/data-science/"
+    "using/models-about.htm: up to 400 GB through Object Storage",
+    "predict_no_model": "not found: OCI documents no answer for a /predict without model_name "
+    "under CONTAINER_TYPE=TRITON (model-dep-invoke.htm, the Triton sample); the stand-in "
+    "forwards it with the name empty, so the answer is Triton's own",
     "autoscaling": "Python SDK 2.189 AutoScalingPolicy.cool_down_in_seconds (minimum 300 s; "
     ".NET 90.x pages say 600); ThresholdBasedAutoScalingPolicyDetails (minimum <= initial <= "
     "maximum); scale-in/scale-out thresholds in percent",
@@ -95,6 +133,12 @@ RULES = {
     "autoscale-vms-custom-metrics-steps.htm",
     "image": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
     "tshoot-model-deploy-byoc.htm",
+    "region": "OCIR serves each region at its own endpoint (https://docs.oracle.com/iaas/"
+    "Content/Registry/Concepts/registryprerequisites.htm, Availability by Region); OCI documents no cross-region pull for model "
+    "deployments, so the stand-in fails one (stricter than known, not verified against OCI)",
+    "healthcheck": "SDK OcirModelDeploymentEnvironmentConfigurationDetails.health_check_port: "
+    "'The port on which the container HEALTHCHECK would listen'; docker/Dockerfile's "
+    "HEALTHCHECK asks 127.0.0.1:8000",
     "predict": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
     "model-dep-predict-endpoint.htm",
 }
@@ -103,6 +147,13 @@ RESERVED_ENV_KEYS = {
     "MODEL_SERVING_PYTHON_VERSION",
     "TENANCY_OCID",
     "CONTAINER_CUSTOM_IMAGE",
+}
+#: RULES["flex_maxima"]: (most OCPUs, most GB) per Flex shape.
+FLEX_SHAPE_MAXIMA = {
+    "VM.Standard.E3.Flex": (64, 1024),
+    "VM.Standard.E4.Flex": (64, 1024),
+    "VM.Standard3.Flex": (32, 512),
+    "VM.Optimized3.Flex": (18, 256),
 }
 #: Shapes Model Deployment offers (a subset; the real list comes from list_model_deployment_shapes).
 KNOWN_SHAPES = {
@@ -342,6 +393,14 @@ def _require_ocid(value: str | None, kinds: tuple[str, ...], field: str) -> None
         )
 
 
+def _region_of_host(host: str) -> str:
+    """``iad.ocir.io`` (or ``us-ashburn-1.ocir.io``) -> ``us-ashburn-1``."""
+    from oci.regions import REGIONS_SHORT_NAMES  # region key -> region identifier
+
+    name = host.lower().removesuffix(".ocir.io")
+    return REGIONS_SHORT_NAMES.get(name, name)
+
+
 def _http_port(command: list[str]) -> int:
     """The HTTP port Triton listens on with this command line (its default is 8000)."""
     ports = [int(a.split("=", 1)[1]) for a in command if a.startswith("--http-port=")]
@@ -441,6 +500,11 @@ class OciStandIn:
         #: The image's CMD (docker/Dockerfile): what runs when a deployment gives no cmd.
         self.image_cmd = list(TRITON_CMD)
         self.namespace = namespace
+        #: The region of ``url``; ``url_for(region)`` serves another one. Container Registry
+        #: and deployments are regional: each repository and deployment keeps its region.
+        self.region = credentials.region
+        self.regions: dict[str, str] = {}  # repository or deployment OCID -> region
+        self.pushes: dict[str, dict[str, str]] = {}  # repository OCID -> {tag: digest}
         self.polls_to_finish = polls_to_finish
         self.page_size = page_size
         self.predict_time_limit_s = predict_time_limit_s
@@ -475,7 +539,13 @@ class OciStandIn:
             "artifacts": oci.artifacts.ArtifactsClient(
                 fake_config, signer=object(), service_endpoint="http://127.0.0.1:1"
             ).base_client,
+            "object_storage": oci.object_storage.ObjectStorageClient(
+                fake_config, signer=object(), service_endpoint="http://127.0.0.1:1"
+            ).base_client,
         }
+        #: Object Storage: (namespace, bucket) -> {"region", "objects": {name: path}}
+        self.buckets: dict[tuple[str, str], dict[str, Any]] = {}
+        self.uploads: dict[str, dict[str, Any]] = {}  # multipart upload id -> its parts
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -485,6 +555,10 @@ class OciStandIn:
         """``http://127.0.0.1:<port>``: pass as ``service_endpoint``."""
         assert self._server is not None, "start() the stand-in first"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def url_for(self, region: str) -> str:
+        """The endpoint of ``region`` (``{region}`` in ``TUTORIAL_OCI_ENDPOINT`` becomes it)."""
+        return f"{self.url}/region/{region}"
 
     def start(self) -> OciStandIn:
         """Listen on a free loopback port in a background thread."""
@@ -545,10 +619,36 @@ class OciStandIn:
         """No policy lets the caller use /predict: 404 NotAuthorizedOrNotFound."""
         self._predict_allowed = not denied
 
-    def add_repository(self, compartment_id: str, display_name: str) -> Any:
+    def add_repository(
+        self, compartment_id: str, display_name: str, region: str | None = None
+    ) -> Any:
         """A container repository, as if created in the Console (tests' shortcut)."""
         with self.lock:
-            return self._new_repository(compartment_id, display_name, "tests")
+            return self._new_repository(
+                compartment_id, display_name, "tests", region or self.region
+            )
+
+    def record_push(self, reference: str, digest: str) -> Any:
+        """What a push of ``reference`` (``<key>.ocir.io/<namespace>/<repo>:<tag>``) with this
+        digest leaves in OCIR: the image in its repository; a repository that does not exist
+        yet is created in the tenancy's root compartment, as a push does (SDK
+        ``ContainerConfiguration``). Returns the repository."""
+        host, path = reference.split("/", 1)
+        name, _, tag = path.partition("/")[2].partition(":")
+        region = _region_of_host(host)
+        with self.lock:
+            repository = next(
+                (
+                    r
+                    for r in self.repositories.values()
+                    if r.display_name == name
+                    and r.lifecycle_state != "DELETED"
+                    and self.regions[r.id] == region
+                ),
+                None,
+            ) or self._new_repository(self.tenancy, name, "push", region)
+            self.pushes.setdefault(repository.id, {})[tag or "latest"] = digest
+            return repository
 
     # ---- helpers for tests
     def operations(self) -> list[str]:
@@ -591,6 +691,21 @@ class OciStandIn:
             "delete_container_repository",
         ),
         ("POST", r"/(?P<id>ocid1\.datasciencemodeldeployment\.[^/]+)/predict", "predict"),
+        (
+            "POST",
+            rf"{DATA_SCIENCE_API}/models/(?P<id>[^/]+)/actions/exportArtifact",
+            "export_model_artifact",
+        ),
+        ("PUT", r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/o/(?P<name>.+)", "put_object"),
+        ("DELETE", r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/o/(?P<name>.+)", "delete_object"),
+        ("POST", r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/u", "create_multipart_upload"),
+        ("PUT", r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/u/(?P<name>.+)", "upload_part"),
+        ("POST", r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/u/(?P<name>.+)", "commit_multipart_upload"),
+        (
+            "DELETE",
+            r"/n/(?P<ns>[^/]+)/b/(?P<bucket>[^/]+)/u/(?P<name>.+)",
+            "abort_multipart_upload",
+        ),
     ]
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
@@ -598,6 +713,9 @@ class OciStandIn:
         parsed = urllib.parse.urlsplit(h.path)
         path = urllib.parse.unquote(parsed.path)
         query = dict(urllib.parse.parse_qsl(parsed.query))
+        region = self.region  # url_for(region): a region's own endpoint
+        if match := re.fullmatch(r"/region/([a-z0-9-]+)(/.*)", path):
+            region, path = match.groups()
         operation, params = "unhandled", {}
         for method, pattern, name in self.ROUTES:
             match = re.fullmatch(pattern, path)
@@ -619,7 +737,7 @@ class OciStandIn:
                 else:
                     handler = getattr(self, f"_op_{operation}")
                     status, payload, headers = handler(
-                        h=h, body=body_file, size=size, query=query, **params
+                        h=h, body=body_file, size=size, query=query, region=region, **params
                     )
                     if token:
                         self._retry_tokens[(operation, token)] = (status, payload, headers)
@@ -889,8 +1007,15 @@ class OciStandIn:
             return self._json(200, summaries, **headers)
 
     # ---- Container Registry
-    def _new_repository(self, compartment_id: str, display_name: str, created_by: str) -> Any:
-        if any(r.display_name == display_name for r in self.repositories.values()):
+    def _new_repository(
+        self, compartment_id: str, display_name: str, created_by: str, region: str
+    ) -> Any:
+        if any(
+            r.display_name == display_name
+            and self.regions[r.id] == region
+            and r.lifecycle_state != "DELETED"
+            for r in self.repositories.values()
+        ):
             raise ApiError(
                 409,
                 "Conflict",
@@ -915,9 +1040,10 @@ class OciStandIn:
             system_tags={},
         )
         self.repositories[repository.id] = repository
+        self.regions[repository.id] = region
         return repository
 
-    def _op_create_container_repository(self, *, h: Any, body: Any, **_: Any) -> tuple:
+    def _op_create_container_repository(self, *, h: Any, body: Any, region: str, **_: Any) -> tuple:
         details = self._parse(body, "CreateContainerRepositoryDetails", "artifacts")
         _require_ocid(details.compartment_id, ("compartment", "tenancy"), "compartmentId")
         if not re.fullmatch(r"[a-z0-9]+(?:[._/-][a-z0-9]+)*", details.display_name):
@@ -926,19 +1052,25 @@ class OciStandIn:
             )
         with self.lock:
             user = h.headers["Authorization"].split('keyId="')[1].split("/")[1]
-            repository = self._new_repository(details.compartment_id, details.display_name, user)
+            repository = self._new_repository(
+                details.compartment_id, details.display_name, user, region
+            )
             if details.is_public:
                 repository.is_public = True
             return self._json(200, repository)
 
-    def _op_list_container_repositories(self, *, query: dict[str, str], **_: Any) -> tuple:
+    def _op_list_container_repositories(
+        self, *, query: dict[str, str], region: str, **_: Any
+    ) -> tuple:
         if "compartmentId" not in query:
             raise ApiError(400, "MissingParameter", "compartmentId is required.")
         with self.lock:
             items = [
                 r
                 for r in self.repositories.values()
-                if r.compartment_id == query["compartmentId"] and r.lifecycle_state != "DELETED"
+                if r.compartment_id == query["compartmentId"]
+                and r.lifecycle_state != "DELETED"
+                and self.regions[r.id] == region
             ]
             summaries, headers = self._page(items, query, "ContainerRepositorySummary", "artifacts")
             collection = _models("artifacts").ContainerRepositoryCollection(
@@ -996,6 +1128,11 @@ class OciStandIn:
         ocpus, memory = config.ocpus, config.memory_in_gbs
         if ocpus < 1:
             raise self._invalid(f"ocpus {ocpus:g} is below 1.")
+        most_ocpus, most_gb = FLEX_SHAPE_MAXIMA.get(shape, (None, None))
+        if most_ocpus is not None and ocpus > most_ocpus:  # RULES["flex_maxima"]
+            raise self._invalid(f"ocpus {ocpus:g} is above {most_ocpus} for {shape}.")
+        if most_gb is not None and memory > most_gb:  # RULES["flex_maxima"]
+            raise self._invalid(f"memoryInGBs {memory:g} is above {most_gb} for {shape}.")
         if memory < 6 * ocpus:  # RULES["flex"]
             raise self._invalid(
                 f"memoryInGBs {memory:g} is below the minimum of 6 GB per OCPU for "
@@ -1072,8 +1209,9 @@ class OciStandIn:
         problems = byoc_problems(env)
         if problems:
             raise self._invalid("; ".join(problems))
-        if not re.fullmatch(
-            r"[a-z0-9-]+\.ocir\.io/[a-z0-9_.-]+/[a-z0-9_./-]+(:[\w.-]+)?", env.image or ""
+        if not re.fullmatch(  # RULES["image_form"]
+            r"[a-z0-9-]+\.ocir\.io/[a-z0-9_.-]+/[a-z0-9_./-]+(:[\w.-]+)?(@sha256:[0-9a-f]{64})?",
+            env.image or "",
         ):
             raise self._invalid(
                 f"image {env.image!r} is not an OCIR image (<region-key>.ocir.io/<namespace>/"
@@ -1083,6 +1221,11 @@ class OciStandIn:
             r"sha256:[0-9a-f]{64}", env.image_digest
         ):
             raise self._invalid(f"imageDigest {env.image_digest!r} is malformed.")
+        in_image = env.image.partition("@")[2]
+        if in_image and env.image_digest and in_image != env.image_digest:
+            raise self._invalid(  # not documented either way: the stand-in refuses the doubt
+                f"image names digest {in_image} but imageDigest is {env.image_digest}."
+            )
         logs = details.category_log_details
         for kind in ("access", "predict"):
             log = getattr(logs, kind, None) if logs else None
@@ -1094,12 +1237,15 @@ class OciStandIn:
         return entry
 
     # ---- deployments: what happens once the container runs (the work request)
-    def _image_problem(self, deployment: Any, image: str) -> str | None:
+    def _image_problem(self, deployment: Any, image: str, digest: str | None) -> str | None:
         """Why the deployment's resource principal cannot pull ``image``, or None."""
-        host_path = image.split("@")[0]
-        path = host_path.split("/", 1)[1]
+        host_path, _, in_image = image.partition("@")
+        digest = digest or in_image or None
+        host, path = host_path.split("/", 1)
         namespace, _, name = path.partition("/")
-        name = name.rsplit(":", 1)[0]
+        name, _, tag = name.partition(":")
+        image_region = _region_of_host(host)
+        deployment_region = self.regions[deployment.id]
         if namespace != self.namespace:
             return (
                 f"{IMAGE_ACCESS_FAILED} (stand-in: the namespace {namespace!r} is not this "
@@ -1109,18 +1255,29 @@ class OciStandIn:
             (
                 r
                 for r in self.repositories.values()
-                if r.display_name == name and r.lifecycle_state != "DELETED"
+                if r.display_name == name
+                and r.lifecycle_state != "DELETED"
+                and self.regions[r.id] == image_region
             ),
             None,
         )
         if repository is None:
-            return f"{IMAGE_ACCESS_FAILED} (stand-in: no repository {name!r}.)"
+            return f"{IMAGE_ACCESS_FAILED} (stand-in: no repository {name!r} in {image_region}.)"
+        if image_region != deployment_region:  # RULES["region"]
+            return (
+                f"{IMAGE_ACCESS_FAILED} (stand-in: the image is in {image_region}'s registry "
+                f"({host}); the deployment is in {deployment_region}.)"
+            )
         if repository.compartment_id != deployment.compartment_id:
             return (
                 f"{IMAGE_ACCESS_FAILED} (stand-in: repository {name!r} is in compartment "
                 f"{repository.compartment_id}; the deployment's policy reads repos in its own "
                 f"compartment, {deployment.compartment_id}.)"
             )
+        pushed = self.pushes.get(repository.id, {})
+        if (digest or pushed.get(tag or "latest")) not in pushed.values():  # RULES["image_exists"]
+            what = f"digest {digest}" if digest else f"tag {tag or 'latest'!r}"
+            return f"{IMAGE_ACCESS_FAILED} (stand-in: no image with {what} was pushed to {name!r}.)"
         return None
 
     def _container_command(self, env: Any) -> list[str]:
@@ -1143,8 +1300,13 @@ class OciStandIn:
             health = env.health_check_port or env.server_port
             if self._fail_next is not None:
                 details, self._fail_next = self._fail_next, None
-            elif problem := self._image_problem(deployment, env.image):
+            elif problem := self._image_problem(deployment, env.image, env.image_digest):
                 details = problem
+            elif health != IMAGE_HEALTHCHECK_PORT:
+                details = (  # RULES["healthcheck"]
+                    f"{BOOTSTRAP_FAILED} The image's HEALTHCHECK asks port "
+                    f"{IMAGE_HEALTHCHECK_PORT}, but health_check_port is {health}."
+                )
             elif port != env.server_port or health != port:
                 details = (
                     f"{BOOTSTRAP_FAILED} The health check on port {health} got no answer: "
@@ -1187,7 +1349,7 @@ class OciStandIn:
         thread.start()
         return thread
 
-    def _op_create_model_deployment(self, *, h: Any, body: Any, **_: Any) -> tuple:
+    def _op_create_model_deployment(self, *, h: Any, body: Any, region: str, **_: Any) -> tuple:
         details = self._parse(body, "CreateModelDeploymentDetails")
         with self.lock:
             entry = self._check_deployment(details)
@@ -1208,6 +1370,7 @@ class OciStandIn:
                 defined_tags=details.defined_tags or {},
             )
             self.deployments[deployment_id] = deployment
+            self.regions[deployment_id] = region
             work = self._start_work_request("MODEL_DEPLOYMENT_CREATE", deployment)
         env = details.model_deployment_configuration_details.environment_configuration_details
         work["thread"] = self._background(self._bring_up, work, entry["artifact"]["path"], env)
@@ -1251,7 +1414,10 @@ class OciStandIn:
             work_request = entry["work_request"]
             if work_request.status in ("SUCCEEDED", "FAILED", "CANCELED"):
                 continue
-            if work_request.id != work_request_id and entry["deployment"].id != deployment_id:
+            target = entry["deployment"]
+            if work_request.id != work_request_id and (
+                target is None or target.id != deployment_id
+            ):
                 continue
             entry["polls_left"] -= 1
             done = entry["final"] is not None and entry["polls_left"] <= 0
@@ -1262,8 +1428,9 @@ class OciStandIn:
             work_request.time_started = work_request.time_started or self._now()
             if done:
                 deployment = entry["deployment"]
-                deployment.lifecycle_state = entry["final"]
-                deployment.lifecycle_details = entry["details"]
+                if deployment is not None:
+                    deployment.lifecycle_state = entry["final"]
+                    deployment.lifecycle_details = entry["details"]
                 work_request.status = "FAILED" if entry["final"] == "FAILED" else "SUCCEEDED"
                 work_request.time_finished = self._now()
                 work_request.resources[0].action_type = (
@@ -1313,6 +1480,205 @@ class OciStandIn:
             summaries, headers = self._page(items, query, "ModelDeploymentSummary")
             return self._json(200, summaries, **headers)
 
+    # ---- Object Storage (the large-artifact route) and the catalog's export from it
+    def add_bucket(self, namespace: str, name: str, region: str | None = None) -> None:
+        """A bucket, as if created in the Console (tests' shortcut)."""
+        with self.lock:
+            self.buckets[(namespace, name)] = {"region": region or self.region, "objects": {}}
+
+    def _bucket(self, ns: str, bucket: str, region: str) -> dict[str, Any]:
+        entry = self.buckets.get((ns, bucket))
+        if entry is None or entry["region"] != region:
+            raise ApiError(
+                404,
+                "BucketNotFound",
+                f"Either the bucket named '{bucket}' does not exist in "
+                f"the namespace '{ns}' or you are not authorized to access it",
+            )
+        return entry
+
+    def _store(self, body: Any, size: int) -> Path:
+        path = self._tmp / f"object-{uuid.uuid4().hex}"
+        with open(path, "wb") as out:
+            shutil.copyfileobj(body, out, 1024 * 1024)
+        assert path.stat().st_size == size
+        return path
+
+    def _op_put_object(
+        self, *, body: Any, size: int, ns: str, bucket: str, name: str, region: str, **_: Any
+    ) -> tuple:
+        with self.lock:
+            entry = self._bucket(ns, bucket, region)
+            entry["objects"][name] = self._store(body, size)
+        return 200, b"", {"etag": uuid.uuid4().hex}
+
+    def _op_delete_object(self, *, ns: str, bucket: str, name: str, region: str, **_: Any) -> tuple:
+        with self.lock:
+            entry = self._bucket(ns, bucket, region)
+            if entry["objects"].pop(name, None) is None:
+                raise ApiError(404, "ObjectNotFound", f"The object '{name}' does not exist.")
+        return 204, b"", {}
+
+    def _op_create_multipart_upload(
+        self, *, body: Any, ns: str, bucket: str, region: str, **_: Any
+    ) -> tuple:
+        details = self._parse(body, "CreateMultipartUploadDetails", "object_storage")
+        with self.lock:
+            self._bucket(ns, bucket, region)
+            upload = _models("object_storage").MultipartUpload(
+                namespace=ns,
+                bucket=bucket,
+                object=details.object,
+                upload_id=uuid.uuid4().hex,
+                time_created=self._now(),
+            )
+            self.uploads[upload.upload_id] = {"upload": upload, "parts": {}}
+        return self._json(200, upload)
+
+    def _upload(self, query: dict[str, str], ns: str, bucket: str, name: str) -> dict[str, Any]:
+        entry = self.uploads.get(query.get("uploadId", ""))
+        upload = entry and entry["upload"]
+        if not entry or (upload.namespace, upload.bucket, upload.object) != (ns, bucket, name):
+            raise ApiError(404, "NoSuchUpload", f"No multipart upload {query.get('uploadId')}.")
+        return entry
+
+    def _op_upload_part(
+        self,
+        *,
+        h: Any,
+        body: Any,
+        size: int,
+        query: dict[str, str],
+        ns: str,
+        bucket: str,
+        name: str,
+        **_: Any,
+    ) -> tuple:
+        number = int(query.get("uploadPartNum") or 0)
+        if not 1 <= number <= MAX_PART_NUMBER:  # RULES["multipart"]
+            raise ApiError(400, "InvalidParameter", f"uploadPartNum {number} is not 1-10000.")
+        if size > MAX_PART_BYTES:
+            raise ApiError(400, "InvalidParameter", "A part must be no larger than 50 GiB.")
+        with self.lock:
+            entry = self._upload(query, ns, bucket, name)
+            path = self._store(body, size)
+        md5 = base64.b64encode(hashlib.md5(path.read_bytes(), usedforsecurity=False).digest())
+        given = h.headers.get("Content-MD5")
+        if given is not None and given != md5.decode():
+            path.unlink()
+            raise ApiError(400, "InvalidContentMD5", "The Content-MD5 does not match the body.")
+        etag = uuid.uuid4().hex
+        with self.lock:
+            entry["parts"][number] = {"etag": etag, "path": path, "size": size}
+        return 200, b"", {"etag": etag, "opc-content-md5": md5.decode()}
+
+    def _op_commit_multipart_upload(
+        self,
+        *,
+        body: Any,
+        query: dict[str, str],
+        ns: str,
+        bucket: str,
+        name: str,
+        region: str,
+        **_: Any,
+    ) -> tuple:
+        details = self._parse(body, "CommitMultipartUploadDetails", "object_storage")
+        with self.lock:
+            entry = self._upload(query, ns, bucket, name)
+            bucket_entry = self._bucket(ns, bucket, region)
+            chosen = sorted(details.parts_to_commit, key=lambda part: part.part_num)
+            for index, part in enumerate(chosen):
+                stored = entry["parts"].get(part.part_num)
+                if stored is None or stored["etag"] != part.etag:
+                    raise ApiError(
+                        400,
+                        "InvalidParameter",
+                        f"Part {part.part_num}: no such part with that etag.",
+                    )
+                if index < len(chosen) - 1 and stored["size"] < MIN_PART_BYTES:
+                    raise ApiError(
+                        400,
+                        "InvalidParameter",
+                        f"Part {part.part_num} is "
+                        f"{stored['size']} bytes; all but the last part must be at "
+                        "least 10 MiB (RULES['multipart']).",
+                    )
+            path = self._tmp / f"object-{uuid.uuid4().hex}"
+            with open(path, "wb") as out:
+                for part in chosen:
+                    with open(entry["parts"][part.part_num]["path"], "rb") as src:
+                        shutil.copyfileobj(src, out, 1024 * 1024)
+            bucket_entry["objects"][name] = path
+            self.uploads.pop(query["uploadId"])
+        return 200, b"", {"etag": uuid.uuid4().hex, "opc-multipart-md5": "stand-in"}
+
+    def _op_abort_multipart_upload(
+        self, *, query: dict[str, str], ns: str, bucket: str, name: str, **_: Any
+    ) -> tuple:
+        with self.lock:
+            self._upload(query, ns, bucket, name)
+            self.uploads.pop(query["uploadId"])
+        return 204, b"", {}
+
+    def _op_export_model_artifact(self, *, body: Any, id: str, **_: Any) -> tuple:
+        """RULES["export_artifact"]: the catalog copies the zip from the bucket into the model's
+        artifact, in a work request (EXPORT_MODEL_ARTIFACT)."""
+        details = self._parse(body, "ExportModelArtifactDetails")
+        source = details.artifact_export_details
+        with self.lock:
+            entry = self._model(id)
+            if entry["artifact"] is not None:
+                raise ApiError(
+                    409,
+                    "NotAuthorizedOrResourceAlreadyExists",
+                    "The model already has an artifact; artifacts cannot be replaced.",
+                )
+            work = {
+                "work_request": _models().WorkRequest(
+                    id=self._ocid("datascienceworkrequest"),
+                    operation_type="EXPORT_MODEL_ARTIFACT",
+                    status="ACCEPTED",
+                    compartment_id=entry["model"].compartment_id,
+                    percent_complete=0.0,
+                    resources=[
+                        _models().WorkRequestResource(
+                            action_type="IN_PROGRESS",
+                            entity_type="model",
+                            identifier=id,
+                            entity_uri=f"/models/{id}",
+                        )
+                    ],
+                    time_accepted=self._now(),
+                ),
+                "deployment": None,
+                "polls_left": self.polls_to_finish,
+                "final": "FAILED",
+                "details": None,
+                "thread": None,
+                "stop": threading.Event(),
+            }
+            self.work_requests[work["work_request"].id] = work
+            bucket = self.buckets.get((source.namespace, source.source_bucket))
+            path = None
+            if bucket and bucket["region"] == source.source_region:
+                path = bucket["objects"].get(source.source_object_name)
+            if path is not None and zipfile.is_zipfile(path):
+                artifact = self._tmp / f"{id}.zip"
+                shutil.copyfile(path, artifact)
+                with zipfile.ZipFile(artifact) as archive:
+                    names = archive.namelist()
+                entry["artifact"] = {
+                    "path": artifact,
+                    "size": artifact.stat().st_size,
+                    "names": names,
+                    "sha256": None,
+                    "content_disposition": None,
+                    "route": "object_storage",
+                }
+                work["final"] = "SUCCEEDED"
+        return 200, b"", {"opc-work-request-id": work["work_request"].id}
+
     # ---- predict (CONTAINER_TYPE=TRITON)
     def _op_predict(self, *, h: Any, body: Any, size: int, id: str, **_: Any) -> tuple:
         with self.lock:
@@ -1340,18 +1706,9 @@ class OciStandIn:
                 }[status]
                 raise ApiError(status, code, message)
             container = self.containers.get(id) or self._upstream
-        name = h.headers.get("model_name")
+        # RULES["predict_no_model"]: without model_name the name is empty, and Triton answers.
+        name = h.headers.get("model_name") or ""
         version = h.headers.get("model_version")
-        if not name:
-            hyphen = h.headers.get("model-name")
-            raise ApiError(
-                400,
-                "InvalidParameter",
-                "No model_name header: with CONTAINER_TYPE=TRITON the model is chosen by the "
-                "model_name and model_version headers"
-                + (f" (model-name: {hyphen!r} is not a documented spelling)" if hyphen else "")
-                + ".",
-            )
         if self._predict_delay_s:
             time.sleep(min(self._predict_delay_s, self.predict_time_limit_s))
             if self._predict_delay_s >= self.predict_time_limit_s:

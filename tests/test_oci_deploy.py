@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +26,7 @@ from oci_standin import (
     make_test_credentials,
 )
 
-from tests.conftest import require_local_triton
+from tests.conftest import ROOT, require_local_triton
 from tutorial import oci_deploy as od
 from tutorial.common import TutorialError
 
@@ -97,6 +98,7 @@ def standin(creds: StandInCredentials, upstream):
         creds, triton_url=f"http://127.0.0.1:{upstream.server_address[1]}", polls_to_finish=2
     ) as server:
         server.add_repository(COMPARTMENT, "gpt2-triton")  # what notebook 05 creates
+        server.record_push(IMAGE, DIGEST)  # and pushes
         yield server
         assert server.unhandled == []
 
@@ -425,6 +427,37 @@ def test_request_rules_checked_before_sending() -> None:
     ]
 
 
+def test_another_server_port_is_refused_for_the_images_healthcheck() -> None:
+    with pytest.raises(TutorialError) as err:
+        od.deployment_request(model_id="m", **request_kwargs(server_port=9000))
+    assert str(err.value).splitlines()[1:] == [
+        "  - health_check_port=9000: the image's HEALTHCHECK (docker/Dockerfile) asks "
+        "127.0.0.1:8000, and OCI monitors that HEALTHCHECK on the health-check port "
+        "(DOCS['sdk_env']): keep SERVER_PORT = 8000, or change the HEALTHCHECK line and rebuild "
+        "the image"
+    ]
+    instruction = (ROOT / "docker" / "Dockerfile").read_text().split("\nHEALTHCHECK ", 1)[1]
+    command = instruction.split("\n")[1]  # the line after the options
+    assert f"http://127.0.0.1:{od.IMAGE_HEALTHCHECK_PORT}/v2/health/ready " in command
+
+
+def test_service_fails_a_deployment_the_healthcheck_cannot_reach(
+    client, standin: OciStandIn, artifact: Path
+) -> None:
+    model = model_with_artifact(client, artifact)
+    details = od.deployment_request(model_id=model.id, **request_kwargs())
+    env = _env(details)
+    env.cmd = od.triton_command(9000)
+    env.server_port = env.health_check_port = 9000
+    deployment, work_request_id = od.create_deployment(client, details)
+    with pytest.raises(od.DeploymentFailed) as err:
+        od.wait_for_deployment(client, deployment.id, work_request_id, poll_s=0.01)
+    assert (
+        f"is FAILED: {BOOTSTRAP_FAILED} The image's HEALTHCHECK asks port 8000, but "
+        "health_check_port is 9000." in str(err.value)
+    )
+
+
 def test_autoscaling_rules_checked_before_sending() -> None:
     details = od.deployment_request(
         model_id="m",
@@ -601,6 +634,89 @@ def test_edges_of_the_rules_are_accepted_by_the_service(client, artifact: Path) 
         od.wait_for_deployment(client, deployment.id, work_request_id, poll_s=0.01)
 
 
+@pytest.mark.parametrize(
+    ("shape", "ocpus", "memory", "client_says", "service_says"),
+    [
+        ("VM.Standard.E4.Flex", 65, 400, "ocpus=65; at most 64 OCPUs", "ocpus 65 is above 64"),
+        ("VM.Standard.E4.Flex", 64, 1025, "memory_in_gbs=1025; at most 1024 GB", "above 1024"),
+        ("VM.Standard3.Flex", 33, 300, "ocpus=33; at most 32 OCPUs", "ocpus 33 is above 32"),
+        ("VM.Standard3.Flex", 32, 513, "memory_in_gbs=513; at most 512 GB", "above 512"),
+        ("VM.Optimized3.Flex", 19, 200, "ocpus=19; at most 18 OCPUs", "ocpus 19 is above 18"),
+        ("VM.Optimized3.Flex", 18, 257, "memory_in_gbs=257; at most 256 GB", "above 256"),
+    ],
+)
+def test_per_shape_maxima(
+    client, artifact: Path, standin: OciStandIn, shape, ocpus, memory, client_says, service_says
+) -> None:
+    """The SDK's documented ranges per Flex shape, checked before sending and by the service."""
+    with pytest.raises(TutorialError, match=f"{shape}: {client_says}"):
+        od.deployment_request(
+            model_id="m", **request_kwargs(shape=shape, ocpus=ocpus, memory_in_gbs=memory)
+        )
+    model = model_with_artifact(client, artifact)
+    details = od.deployment_request(
+        model_id=model.id, **request_kwargs(shape=shape, ocpus=1, memory_in_gbs=6)
+    )
+    config = _model_config(details).instance_configuration
+    config.model_deployment_instance_shape_config_details.ocpus = ocpus
+    config.model_deployment_instance_shape_config_details.memory_in_gbs = memory
+    with pytest.raises(oci.exceptions.ServiceError) as err:
+        client.create_model_deployment(details)
+    assert err.value.status == 400 and service_says in err.value.message
+    # the edges pass
+    od.deployment_request(
+        model_id="m",
+        **request_kwargs(
+            shape=shape,
+            ocpus=od.FLEX_SHAPE_MAXIMA[shape][0],
+            memory_in_gbs=od.FLEX_SHAPE_MAXIMA[shape][1],
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("image", "digest", "outcome"),
+    [
+        (IMAGE, DIGEST, "ACTIVE"),
+        (f"{IMAGE}@{DIGEST}", None, "ACTIVE"),
+        (f"{IMAGE}@{DIGEST}", DIGEST, "ACTIVE"),
+        (IMAGE, "sha256:" + "ef" * 32, "no image with digest sha256:efef"),
+        (f"{IMAGE}@sha256:{'ef' * 32}", None, "no image with digest sha256:efef"),
+        (
+            "iad.ocir.io/standinns/gpt2-triton:never-pushed",
+            None,
+            "no image with tag 'never-pushed'",
+        ),
+    ],
+)
+def test_the_image_must_be_one_that_was_pushed(
+    client, artifact: Path, standin: OciStandIn, image: str, digest, outcome: str
+) -> None:
+    model = model_with_artifact(client, artifact)
+    details = od.deployment_request(model_id=model.id, **request_kwargs())
+    _env(details).image, _env(details).image_digest = image, digest
+    deployment, work_request_id = od.create_deployment(client, details)
+    if outcome == "ACTIVE":
+        done = od.wait_for_deployment(client, deployment.id, work_request_id, poll_s=0.01)
+        assert done.lifecycle_state == "ACTIVE"
+        return
+    with pytest.raises(od.DeploymentFailed) as err:
+        od.wait_for_deployment(client, deployment.id, work_request_id, poll_s=0.01)
+    assert f"is FAILED: {IMAGE_ACCESS_FAILED} (stand-in: {outcome}" in str(err.value)
+
+
+def test_a_push_without_a_repository_lands_in_the_root_compartment(
+    client, artifact: Path, standin: OciStandIn, creds: StandInCredentials
+) -> None:
+    image = "iad.ocir.io/standinns/first-push:1"
+    repository = standin.record_push(image, DIGEST)
+    assert repository.compartment_id == creds.tenancy
+    model = model_with_artifact(client, artifact)
+    with pytest.raises(od.DeploymentFailed) as err:
+        deploy(client, model.id, image=image)
+    assert f"repository 'first-push' is in compartment {creds.tenancy}" in str(err.value)
+
+
 def test_flex_shape_rules() -> None:
     with pytest.raises(TutorialError, match="VM.Standard.E4.Flex is a Flex shape: give it OCPUs"):
         od.deployment_request(model_id="m", **request_kwargs(shape="VM.Standard.E4.Flex"))
@@ -753,17 +869,15 @@ def test_model_name_header_selects_the_model(auth, predict_url: str, upstream) -
     assert upstream.calls[-1]["path"] == "/v2/models/generate/versions/1/infer"
 
 
-def test_undocumented_hyphen_headers_are_refused(auth, predict_url: str, upstream) -> None:
-    headers = {"model-name": "generate", "model-version": "1"}
+def test_predict_without_model_name_reaches_triton_with_no_name(
+    auth, predict_url: str, upstream
+) -> None:
+    """OCI documents no answer for this (oci_standin RULES["predict_no_model"]): the stand-in
+    invents none, it forwards with the name empty and Triton answers (the slow test below)."""
+    headers = {"model-name": "generate", "model-version": "1"}  # not the documented spelling
     answer = send(signed(auth, "POST", predict_url, json=text_payload("Hi"), headers=headers))
-    assert answer.status_code == 400
-    assert answer.json() == {
-        "code": "InvalidParameter",
-        "message": "No model_name header: with CONTAINER_TYPE=TRITON the model is chosen by "
-        "the model_name and model_version headers (model-name: 'generate' is not a documented "
-        "spelling).",
-    }
-    assert upstream.calls == []
+    assert answer.status_code == 200  # what this recording upstream answers to anything
+    assert [call["path"] for call in upstream.calls] == ["/v2/models//infer"]
 
 
 def test_predict_unsigned_is_refused(predict_url: str, upstream) -> None:
@@ -944,6 +1058,44 @@ def test_cleanup_finds_by_tag_or_prefix_and_dry_runs_first(
     assert od.find_tutorial_resources(client, COMPARTMENT, name_prefix="gpt2-triton") == []
 
 
+def _artifact_with_generate(path: Path, empty_past_shape: str, runner: str = "bls") -> Path:
+    config = "".join(
+        f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n'
+        for k, v in (
+            ("empty_past_shape", empty_past_shape),
+            ("max_context_tokens", "1024"),
+            ("shm_caches_per_step", "8"),
+            ("step_runner", runner),
+        )
+    )
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("model_repository/generate/config.pbtxt", f'name: "generate"\n{config}')
+    return path
+
+
+def test_shm_size_fits_the_longest_request(tmp_path: Path) -> None:
+    # GPT-2 124M: 72 KiB of cache per token, 1024 tokens, 8 caches = 576 MiB -> 1 GiB
+    size, why = od.shm_size_for_artifact(
+        _artifact_with_generate(tmp_path / "a.zip", "12,2,1,12,0,64")
+    )
+    assert (size, why) == (
+        "1g",
+        "1024 tokens x 72 KiB of KV cache per token x 8 caches = 576 MiB, rounded up to 1 GiB "
+        "(step_runner 'bls')",
+    )
+    # gpt2-large: 360 KiB per token -> 2880 MiB -> 3 GiB
+    large = _artifact_with_generate(tmp_path / "b.zip", "36,2,1,20,0,64", "onnxruntime")
+    assert od.shm_size_for_artifact(large)[0] == "3g"
+
+
+def test_shm_size_is_in_the_deployment_request(client, standin: OciStandIn, artifact: Path) -> None:
+    model = model_with_artifact(client, artifact)
+    deployment = deploy(client, model.id, shm_size="1g")
+    sent = standin.deployments[deployment.id].model_deployment_configuration_details
+    variables = sent.environment_configuration_details.environment_variables
+    assert variables == {"CONTAINER_TYPE": "TRITON", "SHM_SIZE": "1g"}
+
+
 def test_request_json_is_what_the_sdk_sends(client) -> None:
     details = od.deployment_request(model_id="ocid1.datasciencemodel.oc1.iad.m", **request_kwargs())
     body = json.loads(od.request_json(details))
@@ -1004,6 +1156,33 @@ def test_image_out_of_the_policy_fails_the_deployment(
     assert standin.containers == {}
 
 
+def test_repositories_and_deployments_are_regional(
+    auth: od.OciAuth, client, standin: OciStandIn, artifact: Path, monkeypatch
+) -> None:
+    """A repository made through Frankfurt's endpoint exists only there; an image in another
+    region than the deployment fails it."""
+    monkeypatch.setenv(od.ENDPOINT_OVERRIDE_ENV, standin.url_for("{region}"))
+    fra = od.OciAuth("api_key", dict(auth.config, region="eu-frankfurt-1"), auth.signer)
+    from tutorial import registry
+
+    registry.ensure_container_repository(od.artifacts_client(fra), COMPARTMENT, "fra-only")
+    iad = od.artifacts_client(auth).list_container_repositories(compartment_id=COMPARTMENT)
+    assert [r.display_name for r in iad.data.items] == ["gpt2-triton"]
+    model = model_with_artifact(client, artifact)
+    for image, detail in (
+        ("iad.ocir.io/standinns/fra-only:1", "no repository 'fra-only' in us-ashburn-1."),
+        (
+            "fra.ocir.io/standinns/fra-only:1",
+            "the image is in eu-frankfurt-1's registry (fra.ocir.io); the deployment is in "
+            "us-ashburn-1.",
+        ),
+    ):
+        with pytest.raises(od.DeploymentFailed) as err:
+            deploy(client, model.id, image=image)
+        assert f"is FAILED: {IMAGE_ACCESS_FAILED} (stand-in: {detail})" in str(err.value)
+    assert standin.containers == {}
+
+
 def test_region_mismatch_is_explained() -> None:
     assert od.image_region_problem(IMAGE, "us-ashburn-1") is None
     assert od.image_region_problem("us-ashburn-1.ocir.io/ns/r:1", "us-ashburn-1") is None
@@ -1041,6 +1220,28 @@ def test_refusals_read_from_the_artifact(tmp_path: Path) -> None:
     assert od.artifact_model_info(artifact_without_info(tmp_path)) == {}
 
 
+def test_a_model_that_does_not_fit_the_shape_is_refused() -> None:
+    from tutorial.model_source import GPT2_FAMILY
+
+    def info(size: str, variant: str = "fp32", **dims: int) -> dict:
+        dims = dims or GPT2_FAMILY[size]
+        return {**dims, "size": size, "variant": variant, "shapes": "gpu or cpu", "weights": "real"}
+
+    assert od.gpu_memory_gb("VM.GPU.A10.1") == 24 and od.gpu_memory_gb("BM.GPU4.8") == 40
+    assert od.gpu_memory_gb("VM.GPU.Unknown.1") is None
+    large = info("gpt2-large")  # 2 x 3.35 GB of weights, 0.38 GB of cache, 2 GB of server
+    assert 9.0 < od.memory_needed_gb(large) < 9.2
+    [refusal] = od.deployment_refusals(large, "VM.Standard.E4.Flex", memory_in_gbs=8)
+    assert refusal.startswith("gpt2-large needs about 9.1 GB (2 copies of its weights")
+    assert "but VM.Standard.E4.Flex is asked for 8 GB" in refusal
+    assert od.deployment_refusals(large, "VM.Standard.E4.Flex", memory_in_gbs=16) == []
+    assert od.deployment_refusals(info("gpt2-xl"), "VM.GPU.A10.1") == []  # 15.7 GB of 24
+    huge = info("a 3B GPT-2", n_layer=64, n_head=16, n_embd=2048)
+    [refusal] = od.deployment_refusals(huge, "VM.GPU.A10.1")
+    assert "but each GPU of VM.GPU.A10.1 has 24 GB" in refusal
+    assert od.deployment_refusals({"weights": "real"}, "VM.GPU.A10.1") == []  # no dims: no guess
+
+
 def artifact_without_info(tmp_path: Path) -> Path:
     path = tmp_path / "plain.zip"
     with zipfile.ZipFile(path, "w") as zf:
@@ -1059,6 +1260,7 @@ def test_real_triton_serves_the_zip_and_stops_with_the_deployment(
     require_local_triton()
     with OciStandIn(creds, polls_to_finish=2) as standin:
         standin.add_repository(COMPARTMENT, "gpt2-triton")
+        standin.record_push(IMAGE, DIGEST)
         client = od.data_science_client(
             auth, standin.url, retry_strategy=oci.retry.NoneRetryStrategy()
         )
@@ -1080,7 +1282,80 @@ def test_real_triton_serves_the_zip_and_stops_with_the_deployment(
             model_name="ensemble_model",
         )
         assert len(od.output_by_name(result, "NEXT_TOKEN")) == 1
+        # no model_name: Triton's own answer (the stand-in forwards with the name empty)
+        nameless = send(
+            signed(
+                auth,
+                "POST",
+                f"{deployment.model_deployment_url}/predict",
+                json=text_payload("Hi"),
+            )
+        )
+        assert nameless.status_code != 200 and "error" in nameless.json()
         od.delete_deployment(client, deployment.id, poll_s=0.2)
         assert container.process.poll() is not None  # deleting stopped the server
         assert standin.containers == {}
         assert standin.unhandled == []
+
+
+# --------------------------------------------------------------------------------------------
+# Large artifacts: through Object Storage above the direct-upload limit
+
+
+def test_large_artifact_goes_through_object_storage_and_deploys(
+    auth: od.OciAuth, client, standin: OciStandIn, tmp_path: Path
+) -> None:
+    """The threshold is set low, not the artifact large: 12 MiB in two parts of 10 MiB
+    (the smallest the stand-in takes), then the catalog's export, then a deployment."""
+    path = tmp_path / "big.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("model_repository/gpt2/config.pbtxt", 'name: "gpt2"')
+        zf.writestr("model_repository/gpt2/1/model.onnx", os.urandom(12 * 2**20))
+    standin.add_bucket("standinns", "artifacts")
+    storage = od.object_storage_client(
+        auth, standin.url, retry_strategy=oci.retry.NoneRetryStrategy()
+    )
+    model = od.create_model(
+        client, compartment_id=COMPARTMENT, project_id=PROJECT, display_name="big"
+    )
+    kwargs = dict(storage=storage, namespace="standinns", region="us-ashburn-1", poll_s=0.01)
+    with pytest.raises(TutorialError, match="it goes through Object Storage. Set ARTIFACT_BUCKET"):
+        od.upload_artifact_by_size(client, model.id, path, limit_bytes=2**20)
+    done = od.upload_artifact_by_size(
+        client,
+        model.id,
+        path,
+        bucket="artifacts",
+        limit_bytes=2**20,
+        part_bytes=10 * 2**20,
+        **kwargs,
+    )
+    assert done["route"] == "object_storage" and done["bytes"] == path.stat().st_size
+    operations = standin.operations()
+    assert operations.count("upload_part") == 2
+    assert "create_model_artifact" not in operations
+    assert operations[-1:] == ["delete_object"]  # the staged copy is removed
+    artifact = standin.models[model.id]["artifact"]
+    assert artifact["route"] == "object_storage"
+    assert Path(artifact["path"]).read_bytes() == path.read_bytes()
+    assert standin.buckets[("standinns", "artifacts")]["objects"] == {}
+    deployment = deploy(client, model.id)
+    assert deployment.lifecycle_state == "ACTIVE"
+    # below the limit: straight to the catalog
+    small = od.create_model(
+        client, compartment_id=COMPARTMENT, project_id=PROJECT, display_name="s"
+    )
+    assert od.upload_artifact_by_size(client, small.id, path, **kwargs)["route"] == "direct"
+
+
+def test_parts_below_10_mib_are_refused(auth: od.OciAuth, standin: OciStandIn, tmp_path: Path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(os.urandom(3 * 2**20))
+    standin.add_bucket("standinns", "artifacts")
+    storage = od.object_storage_client(
+        auth, standin.url, retry_strategy=oci.retry.NoneRetryStrategy()
+    )
+    manager = oci.object_storage.UploadManager(storage, allow_parallel_uploads=False)
+    with pytest.raises(oci.exceptions.ServiceError) as err:
+        manager.upload_file("standinns", "artifacts", "a.bin", str(path), part_size=2**20)
+    assert err.value.status == 400 and "at least 10 MiB" in err.value.message

@@ -87,6 +87,19 @@ def test_ocir_host_from_region_key_or_identifier():
         registry.ocir_host("xx-nowhere-9")
 
 
+def test_push_region_defaults_to_the_credentials_and_refuses_another():
+    assert registry.push_region("", "us-ashburn-1") == "iad"
+    assert registry.push_region("iad", "us-ashburn-1") == "iad"
+    assert registry.push_region("us-ashburn-1", "us-ashburn-1") == "iad"
+    assert registry.push_region("fra", None) == "fra"
+    with pytest.raises(TutorialError) as err:
+        registry.push_region("fra", "us-ashburn-1")
+    assert str(err.value).startswith(
+        "REGION='fra' pushes to fra.ocir.io, but your OCI credentials talk to us-ashburn-1 "
+        "(iad.ocir.io), where section 4 creates the repository and notebook 06 deploys."
+    )
+
+
 def test_ocir_username_forms():
     assert registry.ocir_username(NAMESPACE, USER) == "mytenancy/jane@example.com"
     assert registry.ocir_username(NAMESPACE, USER, DOMAIN) == LOGIN
@@ -639,4 +652,44 @@ def test_notebook_without_engine_explains_and_stops_cleanly(tmp_path, monkeypatc
     assert "Nothing will be built or pushed from here" in executed
     assert "No image recorded: nothing was pushed from here." in executed
     assert "Traceback" not in executed
+    assert "image" not in load_state()
+
+
+@pytest.mark.slow
+def test_notebook_refuses_another_region_before_the_build(tmp_path, monkeypatch):
+    """REGION names Frankfurt, the credentials Ashburn: refused in section 1, naming both; the
+    engine (a recording fake) is asked its version and nothing else."""
+    import papermill
+    from oci_standin import make_test_credentials
+
+    creds = make_test_credentials(tmp_path / "oci")  # region us-ashburn-1
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "podman"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "podman version 4.9.3"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    monkeypatch.setenv("TUTORIAL_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.delenv("OCI_RESOURCE_PRINCIPAL_VERSION", raising=False)
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        run_notebook(
+            tmp_path / "05.ipynb",
+            {
+                "REGION": "fra",
+                "OCIR_NAMESPACE": NAMESPACE,
+                "OCIR_USER": USER,
+                "OCI_CONFIG_FILE": str(creds.config_file),
+                "COMPARTMENT_OCID": COMPARTMENT,
+                "CONTAINER_ENGINE": "podman",
+            },
+        )
+    assert (
+        "REGION='fra' pushes to fra.ocir.io, but your OCI credentials talk to us-ashburn-1 "
+        "(iad.ocir.io)" in str(err.value)
+    )
+    assert "Nothing was built or pushed." in str(err.value)
+    asked = calls.read_text().splitlines()
+    assert asked and all(
+        line.split()[-3:-2] == ["version"] or line == "--version" for line in asked
+    )
     assert "image" not in load_state()

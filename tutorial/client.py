@@ -53,6 +53,22 @@ def next_token_tritonclient(client: Any, text: str) -> str:
     return result.as_numpy("NEXT_TOKEN")[0].decode("utf-8")
 
 
+def _event_lines(response: Any) -> Any:
+    """The lines of a streamed response as each arrives. Triton sends every server-sent event
+    as its own HTTP chunk; ``iter_lines`` would wait for 512 bytes (several events) before it
+    yields, so token times would come in bursts."""
+    if response.headers.get("Transfer-Encoding", "").lower() != "chunked":
+        yield from (line for line in response.iter_lines(decode_unicode=True) if line)
+        return
+    pending = b""
+    for chunk in response.raw.read_chunked(decode_content=True):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        yield from (line.decode() for line in lines if line.strip())
+    if pending.strip():
+        yield pending.decode()
+
+
 def stream_generate(url: str, text: str, max_new_tokens: int = 50, timeout: float = 60.0) -> Any:
     """Tokens from the decoupled `generate_stream` model as they come (HTTP server-sent events).
 
@@ -66,8 +82,8 @@ def stream_generate(url: str, text: str, max_new_tokens: int = 50, timeout: floa
     with requests.post(
         f"{url}/v2/models/generate_stream/generate_stream", json=body, stream=True, timeout=timeout
     ) as response:
-        for line in response.iter_lines(decode_unicode=True):
-            if not line or not line.startswith("data:"):
+        for line in _event_lines(response):
+            if not line.startswith("data:"):
                 continue
             event = json.loads(line.removeprefix("data:"))
             if "error" in event:

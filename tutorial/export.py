@@ -147,6 +147,8 @@ def onnx_signature(path: Path) -> dict[str, Any]:
     """Inputs, outputs (name, dtype, dims), IR version, opset and size of an ONNX file."""
     import onnx
 
+    from tutorial.onnx_surgery import onnx_files
+
     model = onnx.load(str(path), load_external_data=False)
 
     def describe(values: Any) -> list[dict[str, Any]]:
@@ -165,7 +167,7 @@ def onnx_signature(path: Path) -> dict[str, Any]:
         "outputs": describe(model.graph.output),
         "ir_version": int(model.ir_version),
         "opset": int(opset),
-        "bytes": Path(path).stat().st_size,
+        "bytes": sum(p.stat().st_size for p in onnx_files(path)),  # with external data
     }
 
 
@@ -287,10 +289,28 @@ def weight_bytes_read_per_step(path: Path) -> dict[str, int]:
     return {"all_weights": total, "gathered_only": gathered, "read_per_step": total - gathered}
 
 
+#: Weights are quantized to [-64, 64] (onnxruntime's ``reduce_range``), so no int8 product can
+#: saturate: on x86-64 with AVX2, or AVX-512 without VNNI, onnxruntime multiplies uint8
+#: activations by int8 weights with VPMADDUBSW, which adds two products into a 16-bit integer
+#: and clamps what does not fit (onnxruntime's quantization guide, "When and why do I need to
+#: try U8U8?": https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html).
+#: With 8-bit weights, 255 * 127 * 2 = 64770 overflows 32767; with 7-bit, 255 * 64 * 2 = 32640
+#: fits, and every CPU computes the same integer products.
+INT8_WEIGHT_LIMIT = 64
+
+#: The largest error int8 may add to the logits, as fractions of the fp32 logits' spread (their
+#: standard deviation at that position): ``rms`` over the vocabulary, ``max`` for one logit.
+#: A correct int8 graph of weights rounded to 7 bits and activations to 8 bits stays well
+#: inside (measured figures: ``tests/test_artifact.py``); a graph that computes something else
+#: (a wrong scale, attention that sees the future) lands far outside.
+INT8_LOGIT_ERROR_LIMIT = {"rms": 0.25, "max": 1.5}
+
+
 def quantize_int8(fp32: Path, output: Path, simplify: bool = True) -> dict[str, Any]:
     """Dynamic int8 quantization of the weights (onnxruntime.quantization), for CPU shapes.
 
-    int8 weights (symmetric, one scale per tensor), uint8 activations quantized at run time:
+    int8 weights (symmetric, one scale per tensor, within +-:data:`INT8_WEIGHT_LIMIT` so that
+    AVX2 CPUs compute what VNNI CPUs compute), uint8 activations quantized at run time:
     onnxruntime fuses each into one DynamicQuantizeMatMul (VNNI's u8 x s8 product). First
     the graph is made smaller (:func:`tutorial.onnx_surgery.simplify_decoder`, ``simplify``):
     a decode step reads 124 MB of int8 weights in about 4 ms, and the export's ~1,500 small
@@ -302,19 +322,127 @@ def quantize_int8(fp32: Path, output: Path, simplify: bool = True) -> dict[str, 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from tutorial.onnx_surgery import simplify_decoder
+    from tutorial.onnx_surgery import (
+        external_data_threshold,
+        onnx_files,
+        save_onnx,
+        simplify_decoder,
+    )
 
     source, done = Path(fp32), None
+    fp32_bytes = sum(p.stat().st_size for p in onnx_files(fp32))
     if simplify:
         model = onnx.load(str(fp32))
         done = simplify_decoder(model)
         source = Path(output).with_name(f"{Path(output).stem}.simplified.onnx")
-        onnx.save(model, str(source))
+        save_onnx(model, source)
         del model
+    Path(f"{output}.data").unlink(missing_ok=True)
     try:
-        quantize_dynamic(str(source), str(output), weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(source),
+            str(output),
+            weight_type=QuantType.QInt8,
+            reduce_range=True,
+            # int8 weights take about a quarter of the fp32 bytes
+            use_external_data_format=fp32_bytes / 4 > external_data_threshold(),
+        )
     finally:
         if simplify:
-            source.unlink(missing_ok=True)
+            for path in onnx_files(source):
+                path.unlink(missing_ok=True)
     sig = onnx_signature(output)
     return {**sig, "simplified": done} if done else sig
+
+
+def int8_weight_check(int8: Path, fp32: Path) -> dict[str, Any]:
+    """What the int8 file holds, against the fp32 weights it was made from (no CPU involved).
+
+    For every quantized weight ``<name>_quantized`` with its ``_scale`` and ``_zero_point``:
+    the largest ``|q|`` of the int8 ones (at most :data:`INT8_WEIGHT_LIMIT`: no saturation
+    anywhere) and the largest rounding error ``|scale * (q - zero_point) - w|`` in units of
+    ``scale`` (at most 0.5 when every weight is its fp32 value rounded). The fp32 weights are
+    those of ``fp32`` after the same graph rewrite :func:`quantize_int8` applies.
+    Returns ``tensors``, ``max_abs_q`` and ``max_rounding`` (in steps).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from tutorial.onnx_surgery import simplify_decoder
+
+    reference = onnx.load(str(fp32))
+    simplify_decoder(reference)
+    weights = {i.name: i for i in reference.graph.initializer}
+    del reference
+    quantized = {i.name: i for i in onnx.load(str(int8)).graph.initializer}
+    tensors, max_q, max_rounding = 0, 0, 0.0
+    for name, init in quantized.items():
+        if not name.endswith("_quantized"):
+            continue
+        base = name[: -len("_quantized")]
+        if base not in weights:
+            raise TutorialError(f"{Path(int8).name}: {name} quantizes {base}, not in {fp32}")
+        q = numpy_helper.to_array(init).astype(np.int64)
+        scale = numpy_helper.to_array(quantized[f"{base}_scale"]).astype(np.float64)
+        zero = numpy_helper.to_array(quantized[f"{base}_zero_point"]).astype(np.int64)
+        w = numpy_helper.to_array(weights[base]).astype(np.float64)
+        if init.data_type == onnx.TensorProto.INT8:
+            max_q = max(max_q, int(np.abs(q - zero).max()))
+        error = np.abs(scale * (q - zero) - w).max() / float(np.max(scale))
+        max_rounding = max(max_rounding, float(error))
+        tensors += 1
+    return {"tensors": tensors, "max_abs_q": max_q, "max_rounding": max_rounding}
+
+
+def teacher_forced_logits(session: Any, prompt_ids: list[int], tokens: list[int]) -> np.ndarray:
+    """The decoder-with-past model's logits ``[len(tokens), vocab]``: the prompt prefilled,
+    then ``tokens`` fed one a step whatever the model would have chosen (teacher forcing), so
+    two models are compared on the same sequence and one early disagreement does not send
+    them down different texts."""
+    idt = input_dtype(session, "input_ids")
+    mdt = input_dtype(session, "attention_mask")
+    past, rows = empty_past(session), []
+    ids, total = np.asarray([prompt_ids], dtype=idt), len(prompt_ids)
+    for token in tokens:
+        logits, past = session.run(
+            ["logits", "present"],
+            {"input_ids": ids, "attention_mask": np.ones((1, total), dtype=mdt), "past": past},
+        )
+        rows.append(logits[0])
+        ids, total = np.asarray([[token]], dtype=idt), total + 1
+    return np.stack(rows)
+
+
+def logit_error(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+    """How far ``other`` logits are from ``reference`` ones (``[positions, vocab]``), per
+    position as fractions of the reference logits' standard deviation: the worst position's
+    ``rms`` and ``max`` error, and how many positions keep the reference's top token."""
+    diff = other.astype(np.float64) - reference
+    spread = reference.std(axis=1)
+    return {
+        "rms": float((np.sqrt((diff**2).mean(axis=1)) / spread).max()),
+        "max": float((np.abs(diff).max(axis=1) / spread).max()),
+        "top1_equal": int((other.argmax(axis=1) == reference.argmax(axis=1)).sum()),
+        "positions": int(reference.shape[0]),
+    }
+
+
+def int8_logit_error(
+    fp32: Any, int8: Any, prompts: list[list[int]], new_tokens: int = 20
+) -> dict[str, Any]:
+    """The int8 model's logits against the fp32 model's, teacher-forced along fp32's greedy
+    tokens for each prompt (sessions of the two decoder-with-past files): the worst
+    :func:`logit_error` over the prompts, with ``top1_equal`` and ``positions`` summed."""
+    worst: dict[str, Any] = {"rms": 0.0, "max": 0.0, "top1_equal": 0, "positions": 0}
+    for ids in prompts:
+        tokens = greedy_with_past(fp32, ids, new_tokens, eos_token_id=None)
+        err = logit_error(
+            teacher_forced_logits(fp32, ids, tokens), teacher_forced_logits(int8, ids, tokens)
+        )
+        worst = {
+            "rms": max(worst["rms"], err["rms"]),
+            "max": max(worst["max"], err["max"]),
+            "top1_equal": worst["top1_equal"] + err["top1_equal"],
+            "positions": worst["positions"] + err["positions"],
+        }
+    return worst

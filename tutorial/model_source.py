@@ -12,12 +12,80 @@ from typing import Any
 from tutorial.common import TutorialError
 
 MODEL_SOURCES = ("auto", "hub", "offline")
-OFFLINE_SIZES = ("124M", "tiny")
 
-#: The small configuration the tests use: GPT-2's tokenizer and context, a sliver of its width.
-#: Its wider initialization makes greedy text change from token to token (with GPT-2's 0.02 a
+#: The GPT-2 family on the Hugging Face Hub: one architecture, GPT-2's 50,257-token byte-level
+#: BPE vocabulary and 1,024 positions; they differ in depth and width (each checkpoint's
+#: ``config.json`` on the Hub). Hub ids may carry an owner (``openai-community/gpt2-medium``,
+#: ``distilbert/distilgpt2``).
+GPT2_FAMILY = {
+    "distilgpt2": {"n_layer": 6, "n_head": 12, "n_embd": 768},
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768},
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
+    "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280},
+    "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},
+}
+
+#: Small configurations for the tests: GPT-2's tokenizer and context, a sliver of its width.
+#: Their wider initialization makes greedy text change from token to token (with GPT-2's 0.02 a
 #: tiny random model repeats one token), so the token-exact tests have something to catch.
-TINY_CONFIG = {"n_layer": 2, "n_head": 2, "n_embd": 64, "initializer_range": 0.3}
+#: ``tiny-3x96`` has another depth, head count and head size, so that no size is assumed.
+TEST_CONFIGS = {
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "initializer_range": 0.3},
+    "tiny-3x96": {"n_layer": 3, "n_head": 3, "n_embd": 96, "initializer_range": 0.3},
+}
+TINY_CONFIG = TEST_CONFIGS["tiny"]
+
+#: What ``OFFLINE_SIZE`` takes: a family member's name (its architecture with random weights)
+#: or a test configuration; "124M" is the name earlier versions used for ``gpt2``.
+OFFLINE_SIZES = (*GPT2_FAMILY, *TEST_CONFIGS)
+OFFLINE_ALIASES = {"124M": "gpt2"}
+
+#: Written into the config of a model built here with random weights, so that a folder saved
+#: from it and loaded again (``MODEL_ID`` = that folder) is still labelled as random.
+RANDOM_WEIGHTS_MARK = "tutorial_random_weights"
+
+
+def family_member(model_id: str) -> str | None:
+    """The GPT-2 family member a Hub id names (``openai-community/gpt2-large`` ->
+    ``gpt2-large``), else None (a fine-tuned checkpoint, a folder, another model)."""
+    name = str(model_id).rstrip("/").split("/")[-1]
+    return name if name in GPT2_FAMILY else None
+
+
+def offline_size(name: str) -> str:
+    """The offline stand-in for ``name``: a family member's name or Hub id, a test
+    configuration, or "124M"; a clear error for anything else."""
+    name = OFFLINE_ALIASES.get(name, name)
+    size = family_member(name) or (name if name in TEST_CONFIGS else None)
+    if size is None:
+        raise TutorialError(
+            f"The offline stand-in has GPT-2 family architectures only ({', '.join(GPT2_FAMILY)}"
+            f", or {' / '.join(TEST_CONFIGS)} for the tests), not {name!r}. For another "
+            "checkpoint, reach the Hub (MODEL_SOURCE='hub') or set MODEL_ID to a folder that "
+            "holds it (save_pretrained)."
+        )
+    return size
+
+
+def check_gpt2_architecture(config: Any, model_id: str) -> None:
+    """Refuse a checkpoint that is not GPT-2's architecture, before its weights download.
+
+    The export traces ``TFGPT2LMHeadModel``, the KV cache is laid out
+    ``[n_layer, 2, batch, n_head, length, head_dim]`` and the encoder and decoder use GPT-2's
+    byte-level BPE: any ``GPT2LMHeadModel`` checkpoint fits (the family, DialoGPT, GPT-2s
+    fine-tuned on a domain), another architecture does not.
+    """
+    kind = getattr(config, "model_type", None)
+    if kind != "gpt2":
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "no architectures"
+        raise TutorialError(
+            f"{model_id} is a {kind!r} model ({archs}), not GPT-2's architecture. This tutorial "
+            "exports and serves GPT2LMHeadModel checkpoints only: "
+            f"{', '.join(GPT2_FAMILY)} and checkpoints fine-tuned from them (DialoGPT, "
+            "domain-tuned GPT-2s), because its export traces TFGPT2LMHeadModel, its KV cache "
+            "has GPT-2's layout and its encoder and decoder use GPT-2's tokenizer. Other "
+            "architectures need their own export (for example optimum's ONNX export)."
+        )
 
 
 def hub_endpoint() -> str:
@@ -39,16 +107,24 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
-def resolve_model_source(source: str, timeout: float = 5.0) -> str:
-    """Turn the ``MODEL_SOURCE`` parameter into ``hub`` or ``offline``.
+def resolve_model_source(source: str, timeout: float = 5.0, model_id: str | None = None) -> str:
+    """Turn the ``MODEL_SOURCE`` parameter into ``hub``, ``local`` or ``offline``.
 
-    ``auto`` picks ``hub`` when it answers, else ``offline``. ``hub`` fails fast, with a
-    message naming the other modes, when the Hub cannot be reached.
+    A ``model_id`` that is a folder holding a ``config.json`` is ``local`` (no network) unless
+    ``source`` is ``offline``. ``auto`` picks ``hub`` when it answers, else ``offline``.
+    ``hub`` fails fast, with a message naming the other modes, when the Hub cannot be reached.
     """
     if source not in MODEL_SOURCES:
         raise TutorialError(f"MODEL_SOURCE must be one of {MODEL_SOURCES}, not {source!r}.")
     if source == "offline":
         return "offline"
+    if model_id and Path(model_id).expanduser().is_dir():
+        if not (Path(model_id).expanduser() / "config.json").exists():
+            raise TutorialError(
+                f"MODEL_ID={model_id!r} is a folder without config.json: point it at a folder "
+                "written by save_pretrained (config.json, the weights, vocab.json, merges.txt)."
+            )
+        return "local"
     reachable = hub_reachable(timeout)
     if source == "hub" and not reachable:
         raise TutorialError(
@@ -58,6 +134,14 @@ def resolve_model_source(source: str, timeout: float = 5.0) -> str:
             "reachable, else offline)."
         )
     return "hub" if reachable else "offline"
+
+
+def checkpoint_weights(config: Any, source: str) -> str:
+    """``real`` for trained weights, ``random-offline`` for the stand-in: a folder saved from
+    the stand-in keeps the mark in its config (:data:`RANDOM_WEIGHTS_MARK`)."""
+    if source == "offline" or getattr(config, RANDOM_WEIGHTS_MARK, False):
+        return "random-offline"
+    return "real"
 
 
 def offline_vocab_files() -> tuple[Path, Path]:
@@ -90,13 +174,18 @@ def save_offline_vocab(vocab_dir: Path) -> tuple[Path, Path]:
 
 
 def offline_config(size: str) -> Any:
-    """A ``GPT2Config`` for the offline stand-in: ``124M`` (GPT-2's own) or ``tiny``."""
-    if size not in OFFLINE_SIZES:
-        raise TutorialError(f"OFFLINE_SIZE must be one of {OFFLINE_SIZES}, not {size!r}.")
+    """A ``GPT2Config`` for the offline stand-in of ``size`` (see :func:`offline_size`)."""
     from transformers import GPT2Config
 
-    extra = TINY_CONFIG if size == "tiny" else {}
-    return GPT2Config(**extra, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
+    size = offline_size(size)
+    dims = TEST_CONFIGS.get(size) or GPT2_FAMILY[size]
+    return GPT2Config(
+        **dims,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=50256,
+        **{RANDOM_WEIGHTS_MARK: True},
+    )
 
 
 def import_tensorflow() -> Any:

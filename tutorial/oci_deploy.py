@@ -40,6 +40,8 @@ DOCS = {
     "sdk_env": "https://docs.oracle.com/en-us/iaas/tools/python/latest/api/data_science/models/"
     "oci.data_science.models.OcirModelDeploymentEnvironmentConfigurationDetails.html",
     "shapes": "https://docs.oracle.com/en-us/iaas/data-science/using/supported-shapes.htm",
+    "sdk_shape_config": "https://docs.oracle.com/en-us/iaas/tools/python/latest/api/data_science/"
+    "models/oci.data_science.models.ModelDeploymentInstanceShapeConfigDetails.html",
     "sdk_autoscaling": "https://docs.oracle.com/en-us/iaas/tools/python/latest/api/data_science/"
     "models/oci.data_science.models.AutoScalingPolicy.html",
     "autoscale": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
@@ -49,6 +51,18 @@ DOCS = {
     "policies": "https://docs.oracle.com/en-us/iaas/data-science/using/model-dep-policies-auth.htm",
     "troubleshoot": "https://docs.oracle.com/en-us/iaas/Content/data-science/using/"
     "tshoot-model-deploy-byoc.htm",
+    # Artifacts through Object Storage: the model catalog takes up to 400 GB that way.
+    "models": "https://docs.oracle.com/en-us/iaas/data-science/using/models-about.htm",
+    "sdk_export": "https://docs.oracle.com/en-us/iaas/tools/python/latest/api/data_science/"
+    "client/oci.data_science.DataScienceClient.html#oci.data_science.DataScienceClient."
+    "export_model_artifact",
+    # oracle-ads (its ModelCatalog._export_model_artifact): artifacts over 2 GB go to a bucket,
+    # then export_model_artifact, then the staged object is removed.
+    "ads_large_artifact": "https://github.com/oracle/accelerated-data-science",
+    "multipart": "https://docs.oracle.com/iaas/Content/Object/Tasks/usingmultipartuploads.htm",
+    # Oracle's BYOC samples set the container's /dev/shm with SHM_SIZE (not on DOCS["env"]).
+    "shm_sample": "https://github.com/oracle-samples/oci-data-science-ai-samples/blob/main/"
+    "model-deployment/containers/nim/README.md",
     # Oracle's public Triton sample: CONTAINER_TYPE=TRITON, headers model_name / model_version.
     "triton_sample": "https://github.com/oracle-samples/oci-data-science-ai-samples/blob/main/"
     "model-deployment/containers/Triton/Deploy%20ONNX%20model%20on%20Triton.md",
@@ -61,8 +75,13 @@ RESOURCE_PRINCIPAL_ENV = "OCI_RESOURCE_PRINCIPAL_VERSION"
 ENDPOINT_OVERRIDE_ENV = "TUTORIAL_OCI_ENDPOINT"
 #: Freeform tag every resource of this tutorial carries, so the cleanup helper can find them.
 TUTORIAL_TAG = {"tutorial": "gpt2-triton"}
-#: The Console refuses artifacts above this size; the SDK takes up to 6 GB.
+#: The Console refuses artifacts above this size; the SDK uploads larger ones.
 CONSOLE_UPLOAD_LIMIT_BYTES = 100 * 1024 * 1024
+#: Above this, artifacts go through Object Storage (DOCS["models"]: up to 400 GB that way), as
+#: oracle-ads does above 2 GB (DOCS["ads_large_artifact"]); below, straight to the catalog.
+DIRECT_UPLOAD_LIMIT_BYTES = 2 * 1024**3
+#: Multipart part size for that route (DOCS["multipart"]: parts up to 50 GiB).
+OBJECT_STORAGE_PART_BYTES = 128 * 1024**2
 PREDICT_PAYLOAD_LIMIT_BYTES = 10 * 1024 * 1024  # DOCS["predict"]: 413 PayloadTooLarge beyond
 PREDICT_TIME_LIMIT_S = 60  # DOCS["predict"]: "A 60 second timeout ... can't be changed"
 #: DOCS["predict"]: "Yes, with backoff" for these three.
@@ -89,10 +108,21 @@ CMD_ENTRYPOINT_LIMIT_BYTES = 2048
 #: DOCS["shapes"]: standard flexible shapes for model deployments, memory per OCPU.
 FLEX_MIN_GB_PER_OCPU = 6
 FLEX_MAX_GB_PER_OCPU = 64
+#: DOCS["sdk_shape_config"]: (most OCPUs, most GB of memory) a model deployment may give each
+#: of these Flex shapes.
+FLEX_SHAPE_MAXIMA = {
+    "VM.Standard.E3.Flex": (64, 1024),
+    "VM.Standard.E4.Flex": (64, 1024),
+    "VM.Standard3.Flex": (32, 512),
+    "VM.Optimized3.Flex": (18, 256),
+}
 #: DOCS["sdk_autoscaling"]: the Python SDK pinned here (2.189) says "The minimum value is 300
 #: seconds"; older .NET SDK pages (90.x) say 600. deployment_request uses 600, which meets both.
 AUTOSCALING_MIN_COOLDOWN_S = 300
 UPLOAD_CHUNK_BYTES = 1024 * 1024
+#: The port docker/Dockerfile's HEALTHCHECK asks; DOCS["sdk_env"]: health_check_port is "the
+#: port on which the container HEALTHCHECK would listen", so it must be this one.
+IMAGE_HEALTHCHECK_PORT = 8000
 FAILED_STATES = ("FAILED", "NEEDS_ATTENTION")
 
 
@@ -176,17 +206,21 @@ def try_oci_auth(
     return auth, f"Authenticated with the {auth.describe()}."
 
 
-def service_endpoint(explicit: str | None = None) -> str | None:
+def service_endpoint(explicit: str | None = None, region: str | None = None) -> str | None:
     """The endpoint to give an SDK client: ``explicit``, else ``$TUTORIAL_OCI_ENDPOINT`` (tests
-    point it at the loopback stand-in), else ``None`` (the region's endpoint)."""
-    return explicit or os.environ.get(ENDPOINT_OVERRIDE_ENV) or None
+    point it at the loopback stand-in; ``{region}`` in it becomes the client's region, as a
+    real endpoint names its region), else ``None`` (the region's endpoint)."""
+    endpoint = explicit or os.environ.get(ENDPOINT_OVERRIDE_ENV) or None
+    if endpoint and "{region}" in endpoint:
+        endpoint = endpoint.replace("{region}", region or "")
+    return endpoint
 
 
 def _client_kwargs(
     auth: OciAuth, endpoint: str | None, retry_strategy: Any, timeout: tuple[float, float]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     kwargs: dict[str, Any] = {"signer": auth.signer, "timeout": timeout}
-    endpoint = service_endpoint(endpoint)
+    endpoint = service_endpoint(endpoint, auth.region)
     if endpoint:
         kwargs["service_endpoint"] = endpoint
     if retry_strategy is not None:
@@ -329,8 +363,9 @@ class ProgressReader:
 def upload_artifact(client: Any, model_id: str, zip_path: str | Path) -> dict[str, Any]:
     """Upload the artifact zip to the model as a stream, with a progress bar.
 
-    The file is never read into memory (the Console's limit is 100 MB; the SDK takes up to
-    6 GB this way). Returns ``{"bytes": ..., "max_read": ...}``.
+    The file is never read into memory (the Console's limit is 100 MB). For artifacts over
+    :data:`DIRECT_UPLOAD_LIMIT_BYTES` use :func:`upload_artifact_by_size`, which goes through
+    Object Storage. Returns ``{"bytes": ..., "max_read": ...}``.
     """
     import oci
 
@@ -352,6 +387,133 @@ def upload_artifact(client: Any, model_id: str, zip_path: str | Path) -> dict[st
     finally:
         reader.close()
     return {"bytes": reader.size, "max_read": reader.max_read}
+
+
+def object_storage_client(
+    auth: OciAuth,
+    service_endpoint: str | None = None,
+    *,
+    retry_strategy: Any = None,
+    timeout: tuple[float, float] = (10.0, 300.0),
+) -> Any:
+    """An ``ObjectStorageClient`` for ``auth`` (the large-artifact route)."""
+    import oci
+
+    config, kwargs = _client_kwargs(auth, service_endpoint, retry_strategy, timeout)
+    return oci.object_storage.ObjectStorageClient(config, **kwargs)
+
+
+def upload_artifact_via_object_storage(
+    client: Any,
+    storage: Any,
+    model_id: str,
+    zip_path: str | Path,
+    *,
+    namespace: str,
+    bucket: str,
+    region: str,
+    part_bytes: int = OBJECT_STORAGE_PART_BYTES,
+    poll_s: float = 30.0,
+    timeout_s: float = 3600.0,
+) -> dict[str, Any]:
+    """Put the zip in ``bucket`` (multipart, with a progress bar), have the catalog copy it
+    into the model (``export_model_artifact``, a work request: DOCS["sdk_export"]), then
+    delete the staged object. Returns ``{"bytes", "object", "parts_bytes"}``."""
+    import oci
+    from oci.data_science.models import ArtifactExportDetailsObjectStorage as Source
+    from oci.data_science.models import ExportModelArtifactDetails
+    from oci.object_storage import UploadManager
+    from tqdm import tqdm
+
+    zip_path = Path(zip_path)
+    size = zip_path.stat().st_size
+    name = f"gpt2-triton-artifacts/{model_id}.zip"
+    manager = UploadManager(storage, allow_parallel_uploads=False)
+    with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc="to bucket") as bar:
+        try:
+            manager.upload_file(
+                namespace,
+                bucket,
+                name,
+                str(zip_path),
+                part_size=part_bytes,
+                progress_callback=bar.update,
+            )
+        except oci.exceptions.ServiceError as exc:
+            raise _service_error(exc, f"Uploading to bucket {bucket!r}") from exc
+    details = ExportModelArtifactDetails(
+        artifact_export_details=Source(
+            artifact_source_type="ORACLE_OBJECT_STORAGE",
+            namespace=namespace,
+            source_bucket=bucket,
+            source_object_name=name,
+            source_region=region,
+        )
+    )
+    try:
+        response = client.export_model_artifact(model_id, details)
+    except oci.exceptions.ServiceError as exc:
+        raise _service_error(exc, "export_model_artifact") from exc
+    work_request = wait_for_work_request(
+        client,
+        response.headers["opc-work-request-id"],
+        poll_s=poll_s,
+        timeout_s=timeout_s,
+        desc="into the catalog",
+    )
+    if work_request.status != "SUCCEEDED":
+        raise TutorialError(
+            f"The catalog could not take the artifact from oci://{bucket}@{namespace}/{name} "
+            f"(work request {work_request.status}): check that the bucket is in {region} and "
+            "that your group may read it. The object stays in the bucket; delete it there."
+        )
+    storage.delete_object(namespace, bucket, name)
+    return {"bytes": size, "object": name, "part_bytes": part_bytes}
+
+
+def upload_artifact_by_size(
+    client: Any,
+    model_id: str,
+    zip_path: str | Path,
+    *,
+    storage: Any = None,
+    namespace: str = "",
+    bucket: str = "",
+    region: str = "",
+    limit_bytes: int = DIRECT_UPLOAD_LIMIT_BYTES,
+    part_bytes: int = OBJECT_STORAGE_PART_BYTES,
+    poll_s: float = 30.0,
+) -> dict[str, Any]:
+    """Upload the artifact straight to the catalog up to ``limit_bytes``, through Object
+    Storage above it (``storage``, ``namespace``, ``bucket`` and ``region`` are needed then).
+    Returns the upload's figures with ``route``: ``"direct"`` or ``"object_storage"``."""
+    zip_path = Path(zip_path)
+    if not zip_path.is_file():
+        raise TutorialError(
+            f"No artifact zip at {zip_path}: run notebooks/03_model_repository.ipynb first."
+        )
+    size = zip_path.stat().st_size
+    if size <= limit_bytes:
+        return {"route": "direct", **upload_artifact(client, model_id, zip_path)}
+    if storage is None or not (namespace and bucket and region):
+        raise TutorialError(
+            f"The artifact is {size / 1e9:.1f} GB, above {limit_bytes / 1e9:.1f} GB: it goes "
+            "through Object Storage. Set ARTIFACT_BUCKET to a bucket in this region and "
+            "OBJECT_STORAGE_NAMESPACE (`oci os ns get`), with a policy that lets you manage "
+            "objects in it."
+        )
+    done = upload_artifact_via_object_storage(
+        client,
+        storage,
+        model_id,
+        zip_path,
+        namespace=namespace,
+        bucket=bucket,
+        region=region,
+        part_bytes=part_bytes,
+        poll_s=poll_s,
+    )
+    return {"route": "object_storage", **done}
 
 
 def delete_model(client: Any, model_id: str) -> None:
@@ -386,22 +548,126 @@ def artifact_model_info(zip_path: str | Path) -> dict[str, Any]:
         raise TutorialError(f"Cannot read {MODEL_INFO_ENTRY} from {zip_path}: {exc}") from exc
 
 
+def artifact_model_parameters(zip_path: str | Path, model: str = "generate") -> dict[str, str]:
+    """The ``parameters`` of one model's ``config.pbtxt`` in the artifact zip (what ships)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    entry = f"model_repository/{model}/config.pbtxt"
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            text = archive.read(entry).decode()
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    except (OSError, KeyError, zipfile.BadZipFile, text_format.ParseError) as exc:
+        raise TutorialError(f"Cannot read {entry} from {zip_path}: {exc}") from exc
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def shm_size_for_artifact(zip_path: str | Path) -> tuple[str, str]:
+    """``SHM_SIZE`` for a deployment of this artifact, and why: room in ``/dev/shm`` for the
+    longest request ``generate`` accepts (``max_context_tokens``), ``shm_caches_per_step`` KV
+    caches of that length (what a ``bls`` step holds there at once, measured on the local
+    server), rounded up to whole GiB. With ``step_runner`` ``onnxruntime`` (the default) the
+    cache never crosses ``/dev/shm``, and the size is headroom for the python backend's own
+    tensors. Oracle's BYOC samples set ``SHM_SIZE`` (``DOCS["shm_sample"]``).
+    """
+    params = artifact_model_parameters(zip_path)
+    n_layer, two, _, n_head, _, head_dim = (int(d) for d in params["empty_past_shape"].split(","))
+    tokens = int(params.get("max_context_tokens", "1024"))
+    copies = int(params.get("shm_caches_per_step", "8"))
+    needed = tokens * n_layer * two * n_head * head_dim * 4 * copies  # fp32 cache
+    gib = max(1, -(-needed // 2**30))
+    why = (
+        f"{tokens} tokens x {n_layer * two * n_head * head_dim * 4 // 1024} KiB of KV cache per "
+        f"token x {copies} caches = {needed / 2**20:.0f} MiB, rounded up to {gib} GiB "
+        f"(step_runner {params.get('step_runner', 'onnxruntime')!r})"
+    )
+    return f"{gib}g", why
+
+
 def is_gpu_shape(shape: str) -> bool:
     """``VM.GPU.A10.1``, ``BM.GPU4.8``, ...: the shape has NVIDIA GPUs."""
     return ".GPU" in shape
 
 
+#: Memory of one GPU of each GPU shape, GB (OCI's compute shapes page,
+#: https://docs.oracle.com/en-us/iaas/Content/Compute/References/computeshapes.htm: A10 24 GB,
+#: P100 and V100 16 GB, A100 40 GB (GPU4) or 80 GB (A100-v2), H100 80 GB, L40S 48 GB). Each GPU
+#: holds the GPU models' weights: Triton places one instance of a KIND_AUTO model per GPU.
+GPU_MEMORY_GB = {
+    "VM.GPU.A10": 24,
+    "BM.GPU.A10": 24,
+    "VM.GPU2": 16,
+    "BM.GPU2": 16,
+    "VM.GPU3": 16,
+    "BM.GPU3": 16,
+    "BM.GPU4": 40,
+    "BM.GPU.A100-v2": 80,
+    "BM.GPU.H100": 80,
+    "BM.GPU.L40S": 48,
+}
+
+#: Copies of the fp32 weights one server holds, on each GPU or in the CPU's memory: the seed
+#: ensemble's ``gpt2`` and the generation engine.
+SERVER_WEIGHT_COPIES = 2
+
+#: What a server needs beside the weights and one full-context KV cache, GB: the CUDA context,
+#: onnxruntime's workspace, Triton and its python stubs (an estimate, not a measurement).
+SERVER_OVERHEAD_GB = 2.0
+
+
+def gpu_memory_gb(shape: str) -> int | None:
+    """The memory of one GPU of ``shape`` in GB, or None for a shape not in the table."""
+    return next((gb for prefix, gb in GPU_MEMORY_GB.items() if shape.startswith(prefix)), None)
+
+
+def memory_needed_gb(info: dict[str, Any]) -> float | None:
+    """What one server of this artifact needs, GB: :data:`SERVER_WEIGHT_COPIES` copies of the
+    weights (fp32, or int8 for the int8 variant's engine), one full-context KV cache and
+    :data:`SERVER_OVERHEAD_GB`; None when MODEL_INFO.json has no model dims."""
+    from tutorial.sizes import sizes_of
+
+    try:
+        size = sizes_of(info)
+    except (KeyError, TypeError, ValueError):
+        return None
+    engine = size["onnx_int8"] if info.get("variant") == "int8" else size["onnx_fp32"]
+    weights = size["onnx_fp32"] + (SERVER_WEIGHT_COPIES - 1) * engine
+    return (weights + size["kv_full_context"]) / 1e9 + SERVER_OVERHEAD_GB
+
+
 def deployment_refusals(
-    info: dict[str, Any], shape: str, *, allow_random_weights: bool = False
+    info: dict[str, Any],
+    shape: str,
+    *,
+    allow_random_weights: bool = False,
+    memory_in_gbs: float | None = None,
 ) -> list[str]:
     """Why this artifact should not be deployed on ``shape`` (empty list: go ahead).
 
     - random weights (the offline stand-in) would bill a GPU or CPU shape per hour to serve
       gibberish, unless ``allow_random_weights`` says the learner means it;
     - an int8 artifact (``shapes: "cpu"``) on a GPU shape: the dynamic int8 model runs on the
-      CPU, so the GPU would be paid for and idle (fp32 serves on any shape).
+      CPU, so the GPU would be paid for and idle (fp32 serves on any shape);
+    - a model that does not fit: :func:`memory_needed_gb` against one GPU of the shape
+      (:data:`GPU_MEMORY_GB`) or the Flex shape's ``memory_in_gbs``; the deployment would
+      report ready and fail its first requests, or not start.
     """
     refusals = []
+    needed = memory_needed_gb(info)
+    have = gpu_memory_gb(shape) if is_gpu_shape(shape) else memory_in_gbs
+    if needed is not None and have is not None and needed > have:
+        where = (
+            f"each GPU of {shape} has {have} GB"
+            if is_gpu_shape(shape)
+            else (f"{shape} is asked for {have:g} GB")
+        )
+        refusals.append(
+            f"{info.get('size', 'The model')} needs about {needed:.1f} GB ("
+            f"{SERVER_WEIGHT_COPIES} copies of its weights, a full-context KV cache and "
+            f"{SERVER_OVERHEAD_GB:g} GB for the server), but {where}. Choose a larger shape "
+            "(or more memory for a Flex shape), or a smaller member of the GPT-2 family."
+        )
     if info.get("weights") == "random-offline" and not allow_random_weights:
         refusals.append(
             "The artifact holds RANDOM weights (notebook 01's offline stand-in, weights: "
@@ -430,7 +696,7 @@ def region_key(region: str) -> str:
 
 
 def image_region_problem(image: str, region: str | None) -> str | None:
-    """A warning when the image's OCIR region differs from the deployment's region, else None.
+    """Why the image cannot be deployed from ``region`` (its OCIR is another region's), or None.
 
     ``image`` is ``<region-key>.ocir.io/...`` (or ``<region-id>.ocir.io``); ``region`` is the
     region the Data Science client talks to.
@@ -444,8 +710,8 @@ def image_region_problem(image: str, region: str | None) -> str | None:
         return None
     return (
         f"The image is in OCIR of region '{image_key}' ({host}), but the deployment is created "
-        f"in '{region}' ({deploy_key}). Every instance pulls the image from that other region, "
-        "within the 20-minute pull limit, and the deployment's policy must reach it there. "
+        f"in '{region}' ({deploy_key}). Container Registry is regional, and OCI documents no "
+        "pull from another region's registry for model deployments. "
         f"Fix: push the image to {deploy_key}.ocir.io (notebook 05 with REGION='{deploy_key}') "
         f"and deploy that reference, or deploy in the image's region."
     )
@@ -563,6 +829,12 @@ def _flex_problems(shape: str, shape_config: Any) -> list[str]:
     problems = []
     if ocpus < 1:
         problems.append(f"{shape}: ocpus={ocpus:g}; at least 1 OCPU")
+    if shape in FLEX_SHAPE_MAXIMA:
+        most_ocpus, most_gb = FLEX_SHAPE_MAXIMA[shape]
+        if ocpus > most_ocpus:
+            problems.append(f"{shape}: ocpus={ocpus:g}; at most {most_ocpus} OCPUs")
+        if memory > most_gb:
+            problems.append(f"{shape}: memory_in_gbs={memory:g}; at most {most_gb} GB")
     if memory < FLEX_MIN_GB_PER_OCPU * ocpus:
         problems.append(
             f"{shape}: {memory:g} GB for {ocpus:g} OCPUs; model deployments need at least "
@@ -634,6 +906,13 @@ def check_deployment_request(details: Any) -> Any:
         )
     except TutorialError as exc:
         problems += [line[4:] for line in str(exc).splitlines()[1:]]
+    if env.health_check_port != IMAGE_HEALTHCHECK_PORT:
+        problems.append(
+            f"health_check_port={env.health_check_port}: the image's HEALTHCHECK "
+            f"(docker/Dockerfile) asks 127.0.0.1:{IMAGE_HEALTHCHECK_PORT}, and OCI monitors "
+            "that HEALTHCHECK on the health-check port (DOCS['sdk_env']): keep SERVER_PORT = "
+            f"{IMAGE_HEALTHCHECK_PORT}, or change the HEALTHCHECK line and rebuild the image"
+        )
     http_ports = [a.split("=", 1)[1] for a in env.cmd or [] if a.startswith("--http-port=")]
     if http_ports and http_ports[-1] != str(env.server_port):
         problems.append(
@@ -676,6 +955,7 @@ def deployment_request(
     bandwidth_mbps: int = 10,
     cmd: list[str] | None = None,
     server_port: int = 8000,
+    shm_size: str = "",
     environment_variables: dict[str, str] | None = None,
     log_group_id: str = "",
     access_log_id: str = "",
@@ -687,13 +967,16 @@ def deployment_request(
 
     Flex shapes (``*.Flex``, CPU) take ``ocpus`` and ``memory_in_gbs``; other shapes must not.
     ``autoscaling_max_instances > instance_count`` adds a CPU-utilization autoscaling policy,
-    otherwise the pool has a fixed size. Access and predict logs are attached when their ids
-    are given (they are the only place Triton's own output shows up). Checks OCI's rules
-    (:func:`check_deployment_request`).
+    otherwise the pool has a fixed size. ``shm_size`` (``"1g"``) sets ``SHM_SIZE``, the size of
+    the container's ``/dev/shm`` (:func:`shm_size_for_artifact`). Access and predict logs are
+    attached when their ids are given (they are the only place Triton's own output shows up).
+    Checks OCI's rules (:func:`check_deployment_request`).
     """
     from oci.data_science import models as m
 
     env = {"CONTAINER_TYPE": "TRITON", **(environment_variables or {})}
+    if shm_size:
+        env["SHM_SIZE"] = shm_size  # DOCS["shm_sample"]
     cmd = list(cmd or triton_command(server_port))
     validate_byoc(server_port, server_port, env, cmd)
     if not image or not image_digest:
@@ -1066,6 +1349,61 @@ def output_by_name(result: dict[str, Any], name: str) -> list[Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# The record of every deployment notebook 06 made (state.json, section "deployments")
+
+#: state.json's section with one entry per deployment, keyed by its OCID: a second run of
+#: notebook 06 adds an entry instead of replacing the first.
+DEPLOYMENTS_SECTION = "deployments"
+
+
+def record_deployment(deployment_id: str, **fields: Any) -> dict[str, Any]:
+    """Add ``fields`` to one deployment's entry in state.json (created if new); return it."""
+    from tutorial.common import load_state, update_state
+
+    entry = load_state().get(DEPLOYMENTS_SECTION, {}).get(deployment_id, {})
+    entry = {**entry, **fields}
+    update_state(DEPLOYMENTS_SECTION, **{deployment_id: entry})
+    return entry
+
+
+def recorded_deployments(live_only: bool = True) -> dict[str, dict[str, Any]]:
+    """The deployments notebook 06 recorded, oldest first (``live_only``: not deleted)."""
+    from tutorial.common import load_state
+
+    entries = load_state().get(DEPLOYMENTS_SECTION, {})
+    ordered = sorted(entries.items(), key=lambda item: str(item[1].get("created", "")))
+    return {k: v for k, v in ordered if not (live_only and v.get("deleted"))}
+
+
+def deployment_id_of(predict_url: str) -> str | None:
+    """``.../<deployment OCID>/predict`` -> the OCID (None when the URL holds none)."""
+    match = re.search(r"(ocid1\.datasciencemodeldeployment\.[^/]+)", predict_url or "")
+    return match.group(1) if match else None
+
+
+def recorded_predict_url(gpu: bool) -> tuple[str, str]:
+    """``(predict_url, shape)`` of the newest live recorded deployment on a GPU (or CPU)
+    shape; ``("", "")`` when there is none."""
+    found = [e for e in recorded_deployments().values() if is_gpu_shape(e.get("shape", "")) == gpu]
+    return (found[-1]["predict_url"], found[-1]["shape"]) if found else ("", "")
+
+
+def deployment_variant(predict_url: str) -> str:
+    """The variant (fp32 | int8) a deployment serves, from the ``MODEL_INFO.json`` of the
+    artifact notebook 06 uploaded for it (recorded in state.json)."""
+    deployment_id = deployment_id_of(predict_url)
+    entry = recorded_deployments(live_only=False).get(deployment_id or "", {})
+    variant = (entry.get("model_info") or {}).get("variant")
+    if not variant:
+        raise TutorialError(
+            f"No record of deployment {deployment_id or predict_url} in state.json: notebook "
+            "06 records each deployment with its artifact's MODEL_INFO.json. Run 06 with this "
+            "TUTORIAL_WORKDIR, or set the variant by hand (OCI_CPU_VARIANT / OCI_GPU_VARIANT)."
+        )
+    return variant
+
+
+# --------------------------------------------------------------------------------------------
 # Finding and removing this tutorial's resources
 
 
@@ -1125,9 +1463,12 @@ def cleanup_tutorial_resources(
     poll_s: float = 30.0,
     timeout_s: float = 3600.0,
 ) -> list[dict[str, Any]]:
-    """Print this tutorial's resources; with ``dry_run=False`` delete them (deployments first).
+    """Print this tutorial's resources; with ``dry_run=False`` delete them (deployments first,
+    each named as it goes) and mark them deleted in state.json's record.
 
-    Returns what was found. Anything left running keeps billing.
+    Finds them by freeform tag (or name prefix), so deployments of every run of notebook 06
+    are found, not only the last one. Returns what was found. A deployment bills until it is
+    deleted.
     """
     found = find_tutorial_resources(
         client, compartment_id, project_id=project_id, tag=tag, name_prefix=name_prefix
@@ -1137,21 +1478,28 @@ def cleanup_tutorial_resources(
         return found
     verb = "Would delete" if dry_run else "Deleting"
     for item in found:
+        bills = " (bills until deleted)" if item["kind"] == "model_deployment" else ""
         print(
-            f"{verb} {item['kind']} {item['display_name']} ({item['lifecycle_state']}) {item['id']}"
+            f"{verb} {item['kind']} {item['display_name']} ({item['lifecycle_state']}) "
+            f"{item['id']}{bills}"
         )
     if dry_run:
         print("Dry run: nothing deleted (pass dry_run=False to delete).")
         return found
+    recorded = recorded_deployments(live_only=False)
     for item in found:
         if item["kind"] == "model_deployment":
             if item["lifecycle_state"] == "DELETING":
                 _wait_deleted(client, item["id"], poll_s=poll_s, timeout_s=timeout_s)
             else:
                 delete_deployment(client, item["id"], poll_s=poll_s, timeout_s=timeout_s)
+            print(f"deleted model_deployment {item['id']}")
+            if item["id"] in recorded:
+                record_deployment(item["id"], deleted=True)
     for item in found:
         if item["kind"] == "model":
             delete_model(client, item["id"])
+            print(f"deleted model {item['id']}")
     return found
 
 

@@ -7,6 +7,7 @@ plus one while a file is written).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,69 @@ from tutorial.common import TutorialError
 STEP_INPUTS = ("input_ids", "attention_mask", "past")
 #: Weight-only nodes folded into initializers (tf2onnx folds these when weights are constants).
 FOLDABLE = ("Transpose", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Cast")
+
+
+#: Files whose protobuf would pass this many bytes keep their weights in a data file beside them
+#: (``<file>.data``): protobuf cannot hold a message over 2 GB (onnx's external data format,
+#: https://onnx.ai/onnx/repo-docs/ExternalData.html). ``TUTORIAL_EXTERNAL_DATA_MB`` lowers it,
+#: so that the tests carry a small model through that route.
+EXTERNAL_DATA_BYTES = 2_000_000_000
+
+
+def external_data_threshold() -> int:
+    """:data:`EXTERNAL_DATA_BYTES`, or ``TUTORIAL_EXTERNAL_DATA_MB`` megabytes when set."""
+    mb = os.environ.get("TUTORIAL_EXTERNAL_DATA_MB")
+    return int(float(mb) * 1e6) if mb else EXTERNAL_DATA_BYTES
+
+
+def save_onnx(model: Any, path: Path) -> list[Path]:
+    """Save ``model`` at ``path``, its weights in ``<name>.data`` beside it when the file would
+    pass :func:`external_data_threshold`. Returns the files written (see :func:`onnx_files`)."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)  # a stale data file from an earlier, larger save
+    if model.ByteSize() > external_data_threshold():
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
+        # onnx.save moved the weights out of ``model`` into the file: read them back, so the
+        # caller's model is whole again (the next save must not point into this file)
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(path.parent))
+    else:
+        onnx.save(model, str(path))
+    return onnx_files(path)
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """An ONNX file and the external data files it names (relative to its folder), in that
+    order: what must travel together when the model is copied."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    names = []
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors += [a.t for a in node.attribute if a.HasField("t")]
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            if location not in names:
+                names.append(location)
+    missing = [n for n in names if not (path.parent / n).is_file()]
+    if missing:
+        raise TutorialError(f"{path} names external data that is not beside it: {missing}")
+    return [path, *(path.parent / n for n in names)]
 
 
 def _dims(value_info: Any) -> list[int]:
@@ -264,8 +328,7 @@ def assemble(
 
     outputs = {o.name: _copy(o) for o in graph.output}
     keep_outputs(graph, ["logits", "present"])
-    with_past.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(with_past))
+    save_onnx(model, with_past)
     log(f"wrote {with_past} ({with_past.stat().st_size / 1e6:.1f} MB)")
 
     del graph.output[:]
@@ -274,7 +337,7 @@ def assemble(
     rename_tensor(graph, "all_logits", "logits")
     rename_tensor(graph, "present", "past_key_values")
     added = with_empty_past(graph)
-    onnx.save(model, str(full))
+    save_onnx(model, full)
     log(
         f"wrote {full} ({full.stat().st_size / 1e6:.1f} MB): {len(added)} nodes build the empty past"
     )
@@ -337,8 +400,7 @@ def trim_to_last_logits(full: Path, output: Path) -> dict[str, Any]:
         print("  ", helper.printable_node(node))
     print(f"pruned {before - len(graph.node)} nodes that only computed the dropped outputs")
     print(f"after:  {output.name} -> {_outputs_text(graph)}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(output))
+    save_onnx(model, output)
     del model
     onnx.checker.check_model(str(output))
     return onnx_signature(output)

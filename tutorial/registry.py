@@ -145,6 +145,39 @@ def ocir_host(region: str) -> str:
     )
 
 
+def push_region(region: str, auth_region: str | None) -> str:
+    """The region to push to: ``region`` (a key or identifier), else the OCI credentials'.
+
+    Container Registry is regional: notebook 05 creates the repository with a client of the
+    credentials' region, and a push to another region's host would create a second repository
+    there, in the tenancy's root compartment (``ContainerConfiguration``), where the
+    deployment's policy does not reach. So a ``region`` other than ``auth_region`` is refused,
+    naming both, before anything is built. Returns the region key (``iad``).
+    """
+    from tutorial.oci_deploy import region_key
+
+    if not auth_region:
+        if not region:
+            raise TutorialError(
+                "No region: set REGION (a key such as 'iad') or give OCI credentials whose "
+                "config names a region."
+            )
+        return region_key(region)
+    if not region:
+        return region_key(auth_region)
+    if region_key(region) != region_key(auth_region):
+        raise TutorialError(
+            f"REGION={region!r} pushes to {ocir_host(region)}, but your OCI credentials talk "
+            f"to {auth_region} ({region_key(auth_region)}.ocir.io), where section 4 creates the "
+            "repository and notebook 06 deploys. Repositories are regional: the push would "
+            "create another repository, in the other region's root compartment, and the "
+            f"deployment could not read it. Set REGION = '' (or {region_key(auth_region)!r}), "
+            f"or use an OCI profile for {region_key(region)!r} here and in notebook 06. "
+            "Nothing was built or pushed."
+        )
+    return region_key(region)
+
+
 def ocir_username(namespace: str, user: str, identity_domain: str = "") -> str:
     """The login OCIR expects, checked: ``<namespace>/[<domain>/]<user>``.
 
@@ -396,9 +429,10 @@ def find_engine(
         )
     raise TutorialError(
         "No working container engine (" + "; ".join(problems) + "). Building and pushing the "
-        "serving image needs Docker or Podman: run this notebook on a workstation that has one, "
-        "or in OCI Cloud Shell (it has Docker). OCI Data Science notebook sessions cannot run a "
-        "container engine, so this step cannot run there."
+        "serving image needs Docker or Podman: run this notebook on a workstation or an OCI "
+        "Compute VM that has one (50 GB of disk or more). OCI Data Science notebook sessions "
+        "cannot run a container engine, so this step cannot run there, and OCI Cloud Shell's "
+        "5 GB of home storage cannot hold the base image (README, The serving image's size)."
     )
 
 
@@ -678,9 +712,9 @@ def push_image(
                 f"{host} refused the push of {reference}:\n{_tail(out, 6)}\nWhat to do: log in "
                 "first (registry_login; logins expire when the auth token is deleted); check that "
                 "the namespace in the reference is your tenancy's; that your group may push "
-                "(policy `Allow group <group> to manage repos in tenancy`, or in the compartment "
-                "of an existing repository); and that a repository of that name, if it exists, "
-                "is in a compartment you can manage."
+                "(policy `allow group <your-group> to manage repos in compartment "
+                "<compartment>`: README, IAM policies); and that a repository of that name, if "
+                "it exists, is in that compartment."
             )
         if any(word in lower for word in ("invalid reference", "name invalid", "lowercase")):
             raise TutorialError(

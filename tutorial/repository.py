@@ -120,6 +120,7 @@ def assemble_repository(
     show the learner.
     """
     from tutorial.export import onnx_signature
+    from tutorial.onnx_surgery import onnx_files
 
     if target.resolve() == template.resolve():
         raise TutorialError("Assemble into a separate folder; the committed template stays as is.")
@@ -147,7 +148,10 @@ def assemble_repository(
         if config.platform == "onnxruntime_onnx":
             if name not in onnx_models:
                 raise TutorialError(f"No ONNX file given for model '{name}'.")
-            shutil.copyfile(onnx_models[name], dest / "1" / "model.onnx")
+            model_file, *data_files = onnx_files(onnx_models[name])
+            shutil.copyfile(model_file, dest / "1" / "model.onnx")
+            for data in data_files:  # external data keeps its name: model.onnx refers to it
+                shutil.copyfile(data, dest / "1" / data.name)
             changes += model_dims_from_onnx(config, onnx_signature(onnx_models[name]))
             set_instance_kind(config, "KIND_AUTO")
         if name == ENGINE_MODEL:
@@ -389,13 +393,26 @@ def bytes_per_step(
     }
 
 
+#: Written into every folder that would otherwise travel empty in the artifact zip.
+KEEP_FOLDER_NAME = "README.md"
+KEEP_FOLDER_README = (
+    "This file keeps this folder in the artifact zip. Triton loads a model only from a numeric "
+    "version folder, and an ensemble's version folder has no file of its own. OCI documents "
+    "that it unzips the artifact, not that its unzip keeps empty folders; an unzip that drops "
+    "them would make Triton refuse the model and the deployment fail. Triton ignores this "
+    "file.\n"
+)
+
+
 def pack_artifact(repo: Path, zip_path: Path) -> dict[str, Any]:
     """Zip ``repo`` as ``model_repository/...`` for OCI (unpacked under ``OCI_ARTIFACT_ROOT``).
 
-    Every folder gets its own entry, so empty version folders (``ensemble_model/1/``) survive
-    the unzip: Triton refuses a model without a version folder. ONNX files are stored (they
-    barely compress), the rest deflated; progress in bytes. The zip is then checked as OCI
-    will read it (:func:`validate_artifact_zip`).
+    Every folder gets its own entry, and a folder with no file (``ensemble_model/1/``) also
+    gets a short ``README.md`` (:data:`KEEP_FOLDER_README`): Triton refuses a model without a
+    version folder, and OCI documents only that it unzips the artifact, not that its unzip
+    keeps empty folders. ONNX files are stored (they barely compress), the rest deflated;
+    progress in bytes. The zip is then checked as OCI will read it
+    (:func:`validate_artifact_zip`).
     """
     from tqdm.auto import tqdm
 
@@ -417,9 +434,12 @@ def pack_artifact(repo: Path, zip_path: Path) -> dict[str, Any]:
             info = zipfile.ZipInfo(arcname, date_time=time.localtime(folder.stat().st_mtime)[:6])
             info.external_attr = (stat.S_IFDIR | 0o755) << 16 | 0x10  # MS-DOS directory flag
             zf.writestr(info, b"")
+            if folder != repo and not any(folder.iterdir()):
+                zf.writestr(f"{arcname}{KEEP_FOLDER_NAME}", KEEP_FOLDER_README)
         for path in files:
             arcname = Path("model_repository") / path.relative_to(repo)
-            method = zipfile.ZIP_STORED if path.suffix == ".onnx" else zipfile.ZIP_DEFLATED
+            weights = path.suffix in (".onnx", ".data")  # weights barely compress
+            method = zipfile.ZIP_STORED if weights else zipfile.ZIP_DEFLATED
             zf.write(path, arcname.as_posix(), compress_type=method)
             bar.update(path.stat().st_size)
     tmp.replace(zip_path)
@@ -461,9 +481,12 @@ def validate_artifact_zip(zip_path: Path) -> dict[str, list[str]]:
         problems += [
             f"{n} is outside model_repository/" for n in sorted(names) if not n.startswith(ROOT)
         ]
-        # A folder exists after unzip if it has its own entry or holds an entry.
+        # A folder exists after unzip if it has its own entry or holds an entry; it surely
+        # exists only if it holds a file (an unzip may skip directory entries).
         folders = {n for n in names if n.endswith("/")}
         folders |= {n[: i + 1] for n in names for i, c in enumerate(n) if c == "/"}
+        files = {n for n in names if not n.endswith("/")}
+        kept = {n[: i + 1] for n in files for i, c in enumerate(n) if c == "/"}
         model_dirs = sorted({n.split("/")[1] for n in folders if n.count("/") >= 2})
         configs: dict[str, Any] = {}
         for model in model_dirs:
@@ -489,6 +512,13 @@ def validate_artifact_zip(zip_path: Path) -> dict[str, list[str]]:
                     f"model ('at least one version must be available'). Pack it with "
                     f"pack_artifact, which writes folder entries."
                 )
+            problems += [
+                f"{model}: the version folder {prefix}{v}/ holds no file: an unzip that drops "
+                "empty folders would leave Triton no version to load. Pack it with "
+                f"pack_artifact, which puts a {KEEP_FOLDER_NAME} in it."
+                for v in sorted(versions)
+                if v.isdigit() and f"{prefix}{v}/" not in kept
+            ]
             problems += [
                 f"{model}: missing {prefix}{f}"
                 for f in required_files(model, config)
@@ -561,7 +591,9 @@ def unpack_artifact(zip_path: Path, dest: Path, check: bool = True) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(zip_path) as zf:
-        zf.extractall(dest)
+        # Files only: an empty folder is not relied on to survive OCI's unzip (see
+        # pack_artifact), so it does not survive this one either.
+        zf.extractall(dest, [i for i in zf.infolist() if not i.is_dir()])
     for folder, _dirs, files in os.walk(dest, topdown=False):
         for name in files:
             os.chmod(os.path.join(folder, name), 0o444)

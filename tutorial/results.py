@@ -98,14 +98,16 @@ def model_label() -> str:
     info = load_state().get("model", {})
     if not info:
         return "unspecified"
+    from tutorial.model_source import TEST_CONFIGS
+
     dims = ", ".join(f"{k}={info[k]}" for k in ("n_layer", "n_head", "n_embd") if k in info)
-    n_layer = info.get("n_layer")
-    if info.get("size") == "tiny" or (isinstance(n_layer, int) and n_layer < 12):
+    if info.get("size") in TEST_CONFIGS:
         return f"tiny test model ({dims})" if dims else "tiny test model"
+    name = {"124M": "gpt2"}.get(info.get("size") or "gpt2", info.get("size") or "gpt2")
     params = info.get("parameters")
     if isinstance(params, int | float) and params > 0:
-        return f"gpt2 {params / 1e6:.0f}M"
-    return f"gpt2 ({dims})" if dims else "gpt2"
+        return f"{name} {params / 1e6:.0f}M"
+    return f"{name} ({dims})" if dims else name
 
 
 def new_run_id() -> str:
