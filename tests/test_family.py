@@ -123,7 +123,7 @@ def test_second_architecture_with_external_data_serves_token_exact(wide_workdir)
     assert (model["n_layer"], model["n_head"], model["n_embd"]) == (3, 3, 96)
     with zipfile.ZipFile(wide_workdir / "model_artifact.zip") as zf:
         names = set(zf.namelist())
-    for name in ("gpt2/1/gpt2_last_logits.onnx.data", "gpt2_with_past/1/gpt2_with_past.onnx.data"):
+    for name in ("gpt2/1/gpt2_last_logits.onnx.data", "generate_stream/1/gpt2_with_past.onnx.data"):
         assert f"model_repository/{name}" in names, name  # the weights travel beside model.onnx
 
     require_local_triton()

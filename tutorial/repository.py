@@ -161,7 +161,10 @@ def assemble_repository(
             if runner == "onnxruntime":
                 if step not in onnx_models:
                     raise TutorialError(f"No ONNX file given for model '{step}'.")
-                shutil.copyfile(onnx_models[step], dest / "1" / f"{step}.onnx")
+                model_file, *data_files = onnx_files(onnx_models[step])
+                shutil.copyfile(model_file, dest / "1" / f"{step}.onnx")
+                for data in data_files:  # external data keeps its name: the file refers to it
+                    shutil.copyfile(data, dest / "1" / data.name)
         write_config(config, dest / "config.pbtxt")
     changes += _set_empty_past_shapes(target, onnx_models)
     if model_info is not None:
