@@ -7,6 +7,7 @@ only needs ``import helpers``. Importing it is cheap: no TensorFlow, onnxruntime
 """
 
 from tutorial.client import (  # noqa: F401
+    engine_counters,
     infer_json,
     launch_local_triton,
     model_stats,
@@ -148,6 +149,7 @@ from tutorial.registry import (  # noqa: F401
     build_image,
     check_image_reference,
     check_image_size,
+    compressed_size_bytes,
     ensure_container_repository,
     find_engine,
     image_reference,

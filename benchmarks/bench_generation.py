@@ -293,7 +293,7 @@ def concurrency_runs(
                 )
                 try:
                     copy = artifact_with_parameters(
-                        artifact, Path(tmp) / f"{mode}.zip", ["generate"], params
+                        artifact, Path(tmp) / f"{mode}.zip", ["generate_stream"], params
                     )
                     servers[mode] = server = serve_artifact(copy)
                     print(
@@ -411,8 +411,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="also set this generate config parameter in both concurrency runs "
-        "(e.g. max_batch=8, step_runner=bls); repeatable",
+        help="also set this parameter of the engine (generate_stream's config) in both "
+        "concurrency runs (e.g. max_batch=8); repeatable",
     )
     parser.add_argument("--tf-peer", type=Path, help=argparse.SUPPRESS)  # the child's output
     args = parser.parse_args()

@@ -52,8 +52,7 @@ def test_zip_has_an_entry_for_every_folder(tiny_workdir):
         "generate",
         "generate_stream",
         "gpt2",
-        "gpt2_with_past",
-    ]
+    ]  # no gpt2_with_past: the engine (generate_stream) runs its ONNX file, loaded once
     assert models["ensemble_model"] == [
         "model_repository/ensemble_model/",
         "model_repository/ensemble_model/1/",
@@ -63,6 +62,13 @@ def test_zip_has_an_entry_for_every_folder(tiny_workdir):
     for model in models:
         assert f"model_repository/{model}/1/" in names
     assert "model_repository/generate_stream/1/model.py" in names
+    assert "model_repository/generate_stream/1/gpt2_with_past.onnx" in names
+    assert models["generate"] == [  # a forwarder: no weights, no tokenizer
+        "model_repository/generate/",
+        "model_repository/generate/1/",
+        "model_repository/generate/1/model.py",
+        "model_repository/generate/config.pbtxt",
+    ]
     info = json.loads(zipfile.ZipFile(zip_path).read("model_repository/MODEL_INFO.json"))
     assert info["variant"] == "fp32" and info["shapes"] == "gpu or cpu"
 
@@ -111,7 +117,7 @@ def test_zip_missing_files_links_and_callees_are_named(tiny_workdir, tmp_path):
         drop={
             "model_repository/gpt2/1/model.onnx",
             "model_repository/decoder/1/vocab.json",
-            "model_repository/gpt2_with_past/config.pbtxt",
+            "model_repository/generate_stream/config.pbtxt",
         },
     )
     with zipfile.ZipFile(broken, "a") as zf:
@@ -123,8 +129,8 @@ def test_zip_missing_files_links_and_callees_are_named(tiny_workdir, tmp_path):
     message = str(err.value)
     assert "gpt2: missing model_repository/gpt2/1/model.onnx" in message
     assert "decoder: missing model_repository/decoder/1/vocab.json" in message
-    assert "gpt2_with_past: no config.pbtxt" in message
-    assert "generate: calls 'gpt2_with_past', which is not in the zip" in message
+    assert "generate_stream: no config.pbtxt" in message
+    assert "generate: calls 'generate_stream', which is not in the zip" in message
     assert "model_repository/encoder/1/link.py is a symbolic link" in message
 
 
@@ -173,8 +179,12 @@ def test_local_onnx_models_run_the_onnxruntime_of_triton_24_10(triton_server):
 
     assert onnxruntime.__version__ == TRITON_ONNXRUNTIME == "1.19.2"
     log = triton_server.log_path.read_text()
-    for model in ("gpt2", "gpt2_with_past"):
-        assert f"{model}: onnxruntime 1.19.2 serves model.onnx" in log
+    assert "gpt2: onnxruntime 1.19.2 serves model.onnx" in log
+    # the engine's own session, made at load, is the only other copy of the weights
+    opened = "generate engine: opened an onnxruntime 1.19.2 session of generate_stream/1/"
+    assert log.count(opened) == 1
+    assert f"{opened}gpt2_with_past.onnx on cpu" in log
+    assert "gpt2_with_past: onnxruntime" not in log
 
 
 def test_every_export_runs_in_onnxruntime_1_19_2_and_matches_transformers(
@@ -209,7 +219,6 @@ def test_every_export_runs_in_onnxruntime_1_19_2_and_matches_transformers(
 # --- the onnxruntime backend's load checks, applied by the local stand-in of that backend ---
 
 GPT2_CONFIG = "model_repository/gpt2/config.pbtxt"
-PAST_CONFIG = "model_repository/gpt2_with_past/config.pbtxt"
 
 
 def _drop_second_input(text: str) -> str:
@@ -240,11 +249,6 @@ REFUSALS = [
         lambda t: t.replace("dims: -1\n  dims: 50257", "dims: -1\n  dims: -1"),
         "model 'gpt2', tensor 'last_logits': the model expects 2 dimensions (shape "
         "[-1,50257]) but the model configuration specifies 2 dimensions (shape [-1,-1])",
-    ),
-    (
-        PAST_CONFIG,
-        lambda t: t.replace('name: "present"', 'name: "cache"'),
-        "unexpected inference output 'cache', allowed outputs are: logits, present",
     ),
 ]
 
@@ -337,16 +341,25 @@ def _ids(response):
 
 
 def _artifact(tiny_workdir, tmp_path, step_runner):
-    """The tiny artifact, with `generate`'s step_runner set (the committed default is
-    "onnxruntime"; "bls" sends the KV cache through /dev/shm every step)."""
-    from tutorial.repository import artifact_with_parameters
+    """The tiny artifact, with the engine's step_runner set (the committed default is
+    "onnxruntime"; "bls" sends the KV cache through /dev/shm every step, to the model
+    `gpt2_with_past`, which is then assembled into the repository)."""
+    from tutorial.common import paths
+    from tutorial.repository import assemble_repository, pack_artifact
 
     source = tiny_workdir / "model_artifact.zip"
     if step_runner == "onnxruntime":
         return source
-    return artifact_with_parameters(
-        source, tmp_path / f"{step_runner}.zip", ["generate"], {"step_runner": step_runner}
+    p = paths()
+    repo = tmp_path / f"{step_runner}_repository"
+    changes = assemble_repository(
+        repo,
+        p["vocab_dir"],
+        {"gpt2": p["onnx_last"], "gpt2_with_past": p["onnx_past"]},
+        step_runner=step_runner,
     )
+    assert "generate_stream: step_runner = bls" in changes
+    return Path(pack_artifact(repo, tmp_path / f"{step_runner}.zip")["path"])
 
 
 @pytest.mark.parametrize("step_runner", ["bls", "onnxruntime"])
@@ -420,7 +433,7 @@ def test_shm_check_refuses_what_cannot_fit():
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("pb_utils_stub"))
     sys.modules.setdefault("tokenizers", __import__("tokenizers"))
     spec = importlib.util.spec_from_file_location(
-        "generate_model", ROOT / "model_repository" / "generate" / "1" / "model.py"
+        "generate_model", ROOT / "model_repository" / "generate_stream" / "1" / "model.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

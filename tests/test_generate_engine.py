@@ -31,7 +31,7 @@ def load_model_module():
     sys.modules["triton_python_backend_utils"] = stub
     try:
         spec = importlib.util.spec_from_file_location(
-            "generate_engine_under_test", REPO_ROOT / "model_repository/generate/1/model.py"
+            "generate_engine_under_test", REPO_ROOT / "model_repository/generate_stream/1/model.py"
         )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -154,3 +154,196 @@ def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(module):
     assert all(isinstance(g, RuntimeError) and "on purpose" in str(g) for g in got)
     alone = run_jobs(module, MixingRunner(), jobs, max_batch=1)
     assert run_jobs(module, MixingRunner(), jobs, max_batch=4) == alone
+
+
+def test_the_counters_count_steps_rows_and_mixed_steps(module):
+    """A streaming and a non-streaming request in flight together: the steps they share are
+    counted as mixed, and each still gets what it gets alone."""
+    runner = MixingRunner()
+    engine = module.Engine(runner, [1, 2, 1, 1, 0, 1], EOS, 64, 8, 0.0, lambda r, t: True)
+    results, done = {}, threading.Event()
+
+    def job(name, prompt, max_new, stream):
+        tokens = []
+
+        def finish(error):
+            results[name] = error or tokens
+            if len(results) == 2:
+                done.set()
+
+        return module.Job(prompt, max_new, tokens.append, finish, stream=stream)
+
+    engine.submit(job("stream", [5, 6, 7], 30, True))
+    engine.submit(job("once", [4, 5], 10, False))
+    engine.start()
+    try:
+        assert done.wait(timeout=30)
+    finally:
+        engine.stop()
+    alone = run_jobs(module, MixingRunner(), [([5, 6, 7], 30), ([4, 5], 10)], max_batch=1)
+    assert [results["stream"], results["once"]] == alone
+    assert [len(t) for t in alone] == [30, 10]  # no end-of-text before the limits
+    assert engine.counters == {
+        "steps": 29,  # the longer request's decode steps; the other joined 9 of them
+        "rows": 29 + 9,
+        "mixed_steps": 9,
+        "prefills": 2,
+        "cancelled": 0,
+    }
+    assert runner.rows_per_step == [1, 1] + [2] * 9 + [1] * 20  # 2 prefills, then decode steps
+
+
+def test_a_cancelled_request_leaves_at_the_next_step(module):
+    """Cancelled after its 5th token: no 6th, an error that says so, and the other rows keep
+    their tokens."""
+    engine = module.Engine(MixingRunner(), [1, 2, 1, 1, 0, 1], EOS, 64, 8, 0.0, lambda r, t: True)
+    results, done = {}, threading.Event()
+    tokens = {"gone": [], "stays": []}
+
+    def finish(name):
+        def f(error):
+            results[name] = error
+            if len(results) == 2:
+                done.set()
+
+        return f
+
+    gone = module.Job([10, 11], 40, tokens["gone"].append, finish("gone"))
+    gone.cancelled = lambda: len(tokens["gone"]) >= 5
+    engine.submit(gone)
+    engine.submit(module.Job([20, 21, 22], 30, tokens["stays"].append, finish("stays")))
+    engine.start()
+    try:
+        assert done.wait(timeout=30)
+    finally:
+        engine.stop()
+    assert len(tokens["gone"]) == 5
+    assert isinstance(results["gone"], module.Cancelled)
+    assert results["stays"] is None
+    alone = run_jobs(module, MixingRunner(), [([10, 11], 40), ([20, 21, 22], 30)], max_batch=1)
+    assert tokens["gone"] == alone[0][:5] and tokens["stays"] == alone[1]
+    assert engine.counters["cancelled"] == 1
+
+
+def test_stopping_answers_every_request_in_flight_or_queued(module):
+    """Unloading: the requests in the batch, those waiting for a row and those still queued
+    each get an error; none is left without an answer, and a late one is refused at once."""
+
+    class SlowRunner(MixingRunner):
+        def run(self, ids, mask, past):
+            started.set()
+            release.wait(timeout=30)
+            return super().run(ids, mask, past)
+
+    started, release = threading.Event(), threading.Event()
+    engine = module.Engine(SlowRunner(), [1, 2, 1, 1, 0, 1], EOS, 64, 2, 0.0, lambda r, t: True)
+    answers = []
+    jobs = [module.Job([10 + i], 50, lambda t: None, answers.append) for i in range(5)]
+    engine.start()
+    for job in jobs:
+        engine.submit(job)
+    assert started.wait(timeout=30)  # a step is running; the rest wait in the queue
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    release.set()
+    stopper.join(timeout=60)
+    assert not engine.thread.is_alive()
+    assert len(answers) == 5
+    assert all(isinstance(a, module.Unloading) for a in answers), answers
+    late = []
+    engine.submit(module.Job([1], 5, lambda t: None, late.append))
+    assert len(late) == 1 and isinstance(late[0], module.Unloading)
+
+
+# --- the session: made at load, on the device asked for, never a silent CPU fallback ---
+
+
+class StandInOnnxruntime(types.ModuleType):
+    """A STAND-IN for the onnxruntime module (no GPU here): it lists the providers a package
+    would list, and makes sessions that run on CUDA only where ``cuda_starts``, as
+    onnxruntime-gpu does (it falls back to the CPU with a log line when its CUDA provider
+    cannot load)."""
+
+    def __init__(self, providers, cuda_starts, folder):
+        super().__init__("onnxruntime")
+        self.__version__ = "1.19.2"
+        self.__file__ = str(folder / "onnxruntime" / "__init__.py")  # no provider library there
+        self.providers = providers
+        self.cuda_starts = cuda_starts
+        self.made = []
+        stand_in = self
+
+        class InferenceSession:
+            def __init__(self, path, options, providers):
+                stand_in.made.append(providers)
+                names = [p[0] if isinstance(p, tuple) else p for p in providers]
+                running = [n for n in names if n != "CUDAExecutionProvider" or cuda_starts]
+                self.providers = running
+
+            def get_providers(self):
+                return self.providers
+
+        self.InferenceSession = InferenceSession
+        self.SessionOptions = lambda: types.SimpleNamespace(intra_op_num_threads=0)
+
+    def get_available_providers(self):
+        return list(self.providers)
+
+
+GPU_PACKAGE = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+CUDA_OPTIONS = {"device_id": "0", "use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"}
+
+
+def open_with(module, tmp_path, providers, cuda_starts, device, gpu_present):
+    ort = StandInOnnxruntime(providers, cuda_starts, tmp_path)
+    session, where = module.open_session(
+        ort, tmp_path / "step.onnx", None, device, CUDA_OPTIONS, gpu_present
+    )
+    return ort, session, where
+
+
+def test_a_gpu_host_runs_the_session_on_cuda_with_the_options_set(module, tmp_path):
+    ort, session, where = open_with(module, tmp_path, GPU_PACKAGE, True, "auto", True)
+    assert where == "cuda" and session.get_providers()[0] == "CUDAExecutionProvider"
+    assert ort.made == [[("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]]
+
+
+def test_a_gpu_host_whose_cuda_provider_cannot_start_fails_the_load(module, tmp_path):
+    with pytest.raises(module.SessionError) as err:
+        open_with(module, tmp_path, GPU_PACKAGE, False, "auto", True)
+    message = str(err.value)
+    assert message.startswith(
+        "this host has an NVIDIA GPU, but onnxruntime 1.19.2 could not start its CUDA "
+        "provider and would run on the CPU: "
+    )
+    # the loader's own words for the provider library it could not open, and what to do
+    assert "libonnxruntime_providers_cuda.so: cannot open shared object file" in message
+    assert "onnxruntime-gpu==1.19.2" in message and "onnxruntime_device" in message
+
+
+def test_the_cpu_package_on_a_gpu_host_fails_the_load(module, tmp_path):
+    with pytest.raises(module.SessionError) as err:
+        open_with(module, tmp_path, ["CPUExecutionProvider"], False, "auto", True)
+    assert "has no CUDA provider: it is the CPU package" in str(err.value)
+
+
+def test_cpu_on_purpose_and_cpu_hosts_run_on_the_cpu(module, tmp_path):
+    for providers, device, gpu in [(GPU_PACKAGE, "cpu", True), (GPU_PACKAGE, "auto", False)]:
+        ort, session, where = open_with(module, tmp_path, providers, False, device, gpu)
+        assert where == "cpu" and ort.made == [["CPUExecutionProvider"]]
+    with pytest.raises(module.SessionError, match="onnxruntime_device is 'cuda', but"):
+        open_with(module, tmp_path, GPU_PACKAGE, False, "cuda", False)
+    with pytest.raises(module.SessionError, match="must be 'auto', 'cuda' or 'cpu'"):
+        open_with(module, tmp_path, GPU_PACKAGE, True, "gpu", True)
+
+
+def test_the_cuda_options_come_from_the_committed_config(module):
+    from tutorial.common import REPO_ROOT
+    from tutorial.repository import load_config
+
+    config = load_config(REPO_ROOT / "model_repository/generate_stream/config.pbtxt")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["onnxruntime_device"] == "auto"
+    assert module.cuda_provider_options(params, "0") == CUDA_OPTIONS  # TF32 off, no cap
+    params["cuda_gpu_mem_limit_bytes"] = str(8 * 2**30)
+    assert module.cuda_provider_options(params, "1")["gpu_mem_limit"] == "8589934592"

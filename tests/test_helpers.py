@@ -157,14 +157,35 @@ def test_validation_names_mismatches(tiny_workdir, tmp_path):
 
 def test_docker_command_mounts_the_artifact_where_oci_does(tmp_path):
     from tutorial.oci_deploy import triton_command
-    from tutorial.triton_local import NGC_IMAGE, TOKENIZERS_PIN, docker_command
+    from tutorial.triton_local import NGC_IMAGE, docker_command
 
     args = triton_command()[1:]
     cmd = docker_command(tmp_path, args, 8123, NGC_IMAGE, "t", gpus=False)
     assert "--gpus" not in cmd
     assert f"{tmp_path}:/opt/ds/model/deployed_model:ro" in cmd
     assert "127.0.0.1:8123:8000" in cmd
-    assert cmd[-1].startswith(f"pip install -q --no-deps {TOKENIZERS_PIN} && exec tritonserver")
+    assert cmd[-1].startswith("pip install -q --no-cache-dir --no-deps ")
+    assert cmd[-1].endswith(f"&& exec {' '.join(['tritonserver', *args])}")
     own = docker_command(tmp_path, args, 8123, "iad.ocir.io/ns/gpt2:1", "t", gpus=True)
     assert own[own.index("--gpus") + 1] == "all"
     assert own[own.index("iad.ocir.io/ns/gpt2:1") + 1 :] == triton_command()
+
+
+def test_the_plain_ngc_container_installs_what_the_models_import(tmp_path):
+    """Notebook 04's Docker path on the plain NGC image installs exactly the Dockerfile's pinned
+    packages, and they cover every package a python-backend model imports."""
+    import shlex
+
+    from tutorial.oci_deploy import triton_command
+    from tutorial.repository import model_imports
+    from tutorial.triton_local import NGC_IMAGE, docker_command, dockerfile_packages
+
+    cmd = docker_command(tmp_path, triton_command()[1:], 8123, NGC_IMAGE, "t", gpus=False)
+    words = shlex.split(cmd[-1].split("&&")[0])
+    installed = [w for w in words if "==" in w]
+    assert installed == dockerfile_packages()
+    names = {p.split("==")[0] for p in installed}
+    imported = set().union(*model_imports(ROOT / "model_repository").values())
+    assert {"numpy", "tokenizers", "onnxruntime"} <= imported  # what the models import today
+    for module in imported:  # onnxruntime-gpu provides the module onnxruntime
+        assert module in names or f"{module}-gpu" in names, f"{module} is not installed"

@@ -119,8 +119,8 @@ def write_minimal_inputs(work: Path, info: dict) -> Path:
         zf.writestr("model_repository/ensemble_model/config.pbtxt", 'name: "ensemble_model"')
         zf.writestr("model_repository/MODEL_INFO.json", json.dumps(info))
         zf.writestr(
-            "model_repository/generate/config.pbtxt",
-            'name: "generate"\nparameters: { key: "empty_past_shape" '
+            "model_repository/generate_stream/config.pbtxt",
+            'name: "generate_stream"\nparameters: { key: "empty_past_shape" '
             'value: { string_value: "2,2,1,2,0,32" } }\n',
         )
     state = {

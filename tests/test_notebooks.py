@@ -44,6 +44,7 @@ def test_notebook_04(tiny_workdir):
     assert "runtime: bundled" in text
     assert "the ensemble's text equals the reference, string for string" in text
     assert "token for token" in text
+    assert "decode steps were steps of the stream's batch" in text  # one engine
     state = json.loads((tiny_workdir / "state.json").read_text())["local_triton"]
     assert state["new_tokens"] == 50 and state["weights"] == "random-offline"
 

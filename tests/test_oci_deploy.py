@@ -1069,7 +1069,9 @@ def _artifact_with_generate(path: Path, empty_past_shape: str, runner: str = "bl
         )
     )
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("model_repository/generate/config.pbtxt", f'name: "generate"\n{config}')
+        zf.writestr(  # the engine's config: step_runner, shapes, limits
+            "model_repository/generate_stream/config.pbtxt", f'name: "generate_stream"\n{config}'
+        )
     return path
 
 

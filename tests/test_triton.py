@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import requests
 
+from tests.conftest import require_local_triton
 from tutorial.client import infer_json, next_token_requests, reference_generate, reference_text_loop
 
 pytestmark = pytest.mark.slow
@@ -312,3 +313,147 @@ def test_generate_stream_bad_input(triton_server):
         TutorialError, match="MAX_NEW_TOKENS must be one integer from 1 to 1000, got 0"
     ):
         list(stream_generate(triton_server.url, PROMPT, 0))
+
+
+# --- one engine: streaming and non-streaming requests in one batch; cancellation ---
+
+
+def counter_deltas(server, before):
+    from tutorial.client import engine_counters
+
+    after = engine_counters(server.metrics_url)
+    return {name: value - before.get(name, 0) for name, value in after.items()}
+
+
+def test_streaming_and_non_streaming_requests_share_one_engine_step(triton_server, tiny_reference):
+    """One engine: a `generate` request (one response) sent while a `generate_stream` request is
+    in flight joins the stream's decode steps, as the engine's own counters show, and both get
+    transformers' tokens exactly."""
+    from tutorial.client import engine_counters, stream_generate
+
+    tf_model, tok = tiny_reference
+    before = engine_counters(triton_server.metrics_url)
+    assert set(before) == {"steps", "rows", "mixed_steps", "prefills", "cancelled"}
+    events = stream_generate(triton_server.url, "Hello world", 300)
+    _, streamed = next(events)  # the stream is in flight: its first token has come
+    ids = generated_ids(generate(triton_server, PROMPT, 20))
+    streamed += [i for _, piece in events for i in piece]
+    delta = counter_deltas(triton_server, before)
+    assert ids == reference_generate(tf_model, tok, PROMPT, 20)
+    assert streamed == reference_generate(tf_model, tok, "Hello world", 300)
+    assert len(streamed) == 300  # so the stream outlived the other request
+    assert delta["prefills"] == 2
+    # the 20-token request's 19 decode steps (its first token comes from its prefill) were all
+    # steps of the stream's batch: one engine, one batch
+    assert delta["mixed_steps"] == 19
+    assert delta["rows"] == 299 + 19 and delta["steps"] == 299
+
+
+def grpc_text_inputs(text, max_new_tokens):
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput("TEXT", [1], "BYTES")
+    tensor.set_data_from_numpy(np.asarray([text.encode()], dtype=object))
+    limit = grpcclient.InferInput("MAX_NEW_TOKENS", [1], "INT32")
+    limit.set_data_from_numpy(np.asarray([max_new_tokens], dtype=np.int32))
+    return [tensor, limit]
+
+
+def wait_for(condition, what, timeout=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def test_a_stream_closed_mid_way_leaves_the_batch(triton_server, tiny_reference):
+    """A gRPC client closes its stream after the first of 1000 tokens: the engine sees the
+    cancellation and the row leaves at the next step, instead of making the other 999."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from tutorial.client import engine_counters
+
+    before = engine_counters(triton_server.metrics_url)
+    responses = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer("generate_stream", grpc_text_inputs("Hello world", 1000))
+        result, error = responses.get(timeout=60)  # its first token: the request is in flight
+        assert error is None, error
+        client.stop_stream(cancel_requests=True)
+        wait_for(
+            lambda: counter_deltas(triton_server, before)["cancelled"] == 1,
+            "the engine's count of cancelled requests going up",
+        )
+    finally:
+        client.close()
+    delta = counter_deltas(triton_server, before)
+    assert delta["cancelled"] == 1 and delta["prefills"] == 1
+    assert delta["rows"] < 999  # the row left before making its 1000 tokens
+    assert_still_serving(triton_server, tiny_reference)
+
+
+def test_unloading_the_engine_leaves_no_request_unanswered(tiny_workdir):
+    """The engine unloaded (explicit model control) with 10 streams in flight, two of them still
+    queued behind the 8 rows of the batch: each gets a final response. In Triton 24.10 the
+    python backend finalizes a decoupled model once its requests are answered, so they are
+    served to the end; the engine answers any it still holds at finalize with an error
+    (tests/test_generate_engine.py checks that part)."""
+    import requests
+    import tritonclient.grpc as grpcclient
+
+    from tutorial.oci_deploy import triton_command
+    from tutorial.triton_local import serve_artifact
+
+    require_local_triton()
+    cmd = [
+        a.replace("--model-control-mode=none", "--model-control-mode=explicit")
+        for a in triton_command()
+    ]
+    server = serve_artifact(
+        tiny_workdir / "model_artifact.zip", cmd=[*cmd, "--load-model=*"], runtime="bundled"
+    )
+    streams = [{"tokens": 0, "final": False, "error": None} for _ in range(10)]
+
+    def callback(state, result, error):
+        if error is not None:
+            state["error"], state["final"] = str(error), True
+            return
+        response = result.get_response()
+        state["tokens"] += len(response.outputs) > 0
+        final = response.parameters.get("triton_final_response")
+        state["final"] = bool(final and final.bool_param)
+
+    clients = []
+    try:
+        for state in streams:
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            client.start_stream(callback=lambda result, error, s=state: callback(s, result, error))
+            client.async_stream_infer(
+                "generate_stream",
+                grpc_text_inputs("Hello world", 1000),
+                enable_empty_final_response=True,
+            )
+            clients.append(client)
+        wait_for(lambda: sum(s["tokens"] > 0 for s in streams) == 8, "8 streams starting")
+        unload = requests.post(
+            f"{server.url}/v2/repository/models/generate_stream/unload", timeout=60
+        )
+        assert unload.status_code == 200, unload.text
+        wait_for(lambda: all(s["final"] for s in streams), "a final response to every stream", 300)
+        assert streams == [{"tokens": 1000, "final": True, "error": None}] * 10
+        wait_for(
+            lambda: requests.get(f"{server.url}/v2/models/generate_stream/ready").status_code
+            != 200,
+            "the engine unloading",
+        )
+    finally:
+        for client in clients:
+            client.stop_stream()
+            client.close()
+        server.stop()

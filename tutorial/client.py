@@ -158,6 +158,23 @@ def model_stats(url: str, model: str) -> dict[str, Any]:
     return response.json()["model_stats"][0]
 
 
+def engine_counters(metrics_url: str, model: str = "generate_stream") -> dict[str, int]:
+    """The generation engine's own counters, read from Triton's Prometheus metrics
+    (``generate_engine_<name>_total{model="generate_stream"}``): decode ``steps``, ``rows``,
+    ``mixed_steps`` (streaming and non-streaming requests in one step), ``prefills``,
+    ``cancelled``."""
+    import re
+
+    import requests
+
+    response = requests.get(metrics_url, timeout=10)
+    response.raise_for_status()
+    pattern = re.compile(
+        rf'^generate_engine_(\w+)_total\{{model="{re.escape(model)}"\}} (\S+)$', re.M
+    )
+    return {name: int(float(value)) for name, value in pattern.findall(response.text)}
+
+
 def stats_table(url: str, models: list[str]) -> list[dict[str, Any]]:
     """Per model: requests served and mean ms per request in queue and in compute."""
     rows = []

@@ -558,8 +558,11 @@ def artifact_model_info(zip_path: str | Path) -> dict[str, Any]:
         raise TutorialError(f"Cannot read {MODEL_INFO_ENTRY} from {zip_path}: {exc}") from exc
 
 
-def artifact_model_parameters(zip_path: str | Path, model: str = "generate") -> dict[str, str]:
-    """The ``parameters`` of one model's ``config.pbtxt`` in the artifact zip (what ships)."""
+def artifact_model_parameters(
+    zip_path: str | Path, model: str = "generate_stream"
+) -> dict[str, str]:
+    """The ``parameters`` of one model's ``config.pbtxt`` in the artifact zip (what ships); by
+    default the generation engine's (``generate_stream``: step_runner, shapes, limits)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 

@@ -19,7 +19,10 @@ OCI_ARTIFACT_ROOT = "/opt/ds/model/deployed_model"
 OCI_REPOSITORY_PATH = f"{OCI_ARTIFACT_ROOT}/model_repository"
 
 #: Python-backend models that read GPT-2's vocab files from their version folder.
-TOKENIZER_MODELS = ("encoder", "decoder", "generate", "generate_stream")
+TOKENIZER_MODELS = ("encoder", "decoder", "generate_stream")
+#: The model that runs generation (``generate`` forwards to it), and its step model's name.
+ENGINE_MODEL = "generate_stream"
+STEP_MODEL = "gpt2_with_past"
 VOCAB_FILES = ("vocab.json", "merges.txt")
 CONFIG_TO_ONNX_DTYPE = {"TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_FP32": "FLOAT"}
 
@@ -83,31 +86,57 @@ def model_dims_from_onnx(config: Any, signature: dict[str, Any]) -> list[str]:
     return changed
 
 
+def step_runner_of(config: Any) -> str | None:
+    """The ``step_runner`` of a model that drives a step model (``onnxruntime`` or ``bls``), or
+    None for any other model."""
+    if "step_model" not in config.parameters:
+        return None
+    runner = (
+        config.parameters["step_runner"].string_value if "step_runner" in config.parameters else ""
+    )
+    return runner or "onnxruntime"
+
+
 def assemble_repository(
     target: Path,
     vocab_dir: Path,
     onnx_models: dict[str, Path],
     model_info: dict[str, Any] | None = None,
     template: Path = TEMPLATE_REPOSITORY,
+    step_runner: str | None = None,
 ) -> list[str]:
     """Build the repository at ``target`` from the committed template and generated files.
 
     ``onnx_models`` maps a model name of the template (``gpt2``, ``gpt2_with_past``) to the
     ONNX file to serve as its ``1/model.onnx``. The ONNX models' instance groups name no kind,
     so Triton places them on the GPU when there is one, else on the CPU: the same repository
-    serves on either shape. Returns the changes made to the committed configs (model-dependent
-    dims), to show the learner.
+    serves on either shape.
+
+    The engine's step model (``gpt2_with_past``) is loaded once: with the engine's
+    ``step_runner`` ``onnxruntime`` (the template's default; ``step_runner`` overrides it) its
+    ONNX file sits in the engine's version folder as ``gpt2_with_past.onnx`` and the model
+    ``gpt2_with_past`` is left out, since nothing would call it; with ``bls`` it is a model of its
+    own and the engine holds no file. Returns the changes made to the committed configs, to
+    show the learner.
     """
     from tutorial.export import onnx_signature
     from tutorial.onnx_surgery import onnx_files
 
     if target.resolve() == template.resolve():
         raise TutorialError("Assemble into a separate folder; the committed template stays as is.")
+    engine = load_config(template / ENGINE_MODEL / "config.pbtxt")
+    runner = step_runner or step_runner_of(engine)
+    if runner not in ("onnxruntime", "bls"):
+        raise TutorialError(f"step_runner must be 'onnxruntime' or 'bls', not {runner!r}.")
+    step = engine.parameters["step_model"].string_value
     if target.exists():
         shutil.rmtree(target)
     changes: list[str] = []
     for model_dir in sorted(p for p in template.iterdir() if (p / "config.pbtxt").exists()):
         name = model_dir.name
+        if name == step and runner == "onnxruntime":
+            changes.append(f"{name}: left out (step_runner onnxruntime: {ENGINE_MODEL} runs it)")
+            continue
         dest = target / name
         (dest / "1").mkdir(parents=True)
         config = load_config(model_dir / "config.pbtxt")
@@ -125,6 +154,17 @@ def assemble_repository(
                 shutil.copyfile(data, dest / "1" / data.name)
             changes += model_dims_from_onnx(config, onnx_signature(onnx_models[name]))
             set_instance_kind(config, "KIND_AUTO")
+        if name == ENGINE_MODEL:
+            if runner != step_runner_of(config):
+                config.parameters["step_runner"].string_value = runner
+                changes.append(f"{name}: step_runner = {runner}")
+            if runner == "onnxruntime":
+                if step not in onnx_models:
+                    raise TutorialError(f"No ONNX file given for model '{step}'.")
+                model_file, *data_files = onnx_files(onnx_models[step])
+                shutil.copyfile(model_file, dest / "1" / f"{step}.onnx")
+                for data in data_files:  # external data keeps its name: the file refers to it
+                    shutil.copyfile(data, dest / "1" / data.name)
         write_config(config, dest / "config.pbtxt")
     changes += _set_empty_past_shapes(target, onnx_models)
     if model_info is not None:
@@ -171,7 +211,40 @@ def required_files(name: str, config: Any) -> list[str]:
         files.append("1/model.py")
     if name in TOKENIZER_MODELS:
         files += [f"1/{v}" for v in VOCAB_FILES]
+    if step_runner_of(config) == "onnxruntime":
+        files.append(f"1/{config.parameters['step_model'].string_value}.onnx")
     return files
+
+
+def called_models(config: Any) -> list[str]:
+    """The models ``config``'s model calls: an ensemble's steps, the engine ``generate``
+    forwards to, the step model of an engine whose step_runner is ``bls``."""
+    called = [s.model_name for s in config.ensemble_scheduling.step]
+    if "engine_model" in config.parameters:
+        called.append(config.parameters["engine_model"].string_value)
+    if step_runner_of(config) == "bls":
+        called.append(config.parameters["step_model"].string_value)
+    return called
+
+
+def model_imports(repository: Path) -> dict[str, set[str]]:
+    """The third-party top-level modules each python-backend ``model.py`` under ``repository``
+    imports (the standard library and Triton's own ``triton_python_backend_utils`` left out):
+    what the serving image must carry."""
+    import ast
+    import sys
+
+    found = {}
+    for path in sorted(Path(repository).glob("*/1/model.py")):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        found[path.parent.parent.name] = {
+            top
+            for top in (m.split(".")[0] for m in names)
+            if top not in sys.stdlib_module_names and top != "triton_python_backend_utils"
+        }
+    return found
 
 
 def validate_repository(repo: Path) -> dict[str, Any]:
@@ -202,6 +275,10 @@ def validate_repository(repo: Path) -> dict[str, Any]:
     for config in configs.values():
         if config.platform == "ensemble":
             problems += _check_ensemble(config, configs)
+        elif missing := [m for m in called_models(config) if m not in configs]:
+            problems += [
+                f"{config.name}: calls '{m}', which is not in the repository" for m in missing
+            ]
     if problems:
         raise TutorialError("The model repository has problems:\n  - " + "\n  - ".join(problems))
     return configs
@@ -451,9 +528,7 @@ def validate_artifact_zip(zip_path: Path) -> dict[str, list[str]]:
                 if f"{prefix}{f}" not in names
             ]
         for model, config in configs.items():
-            called = [s.model_name for s in config.ensemble_scheduling.step]
-            if "step_model" in config.parameters:
-                called.append(config.parameters["step_model"].string_value)
+            called = called_models(config)
             problems += [
                 f"{model}: calls '{c}', which is not in the zip" for c in called if c not in configs
             ]

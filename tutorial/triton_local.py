@@ -41,7 +41,8 @@ NGC_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 #: The onnxruntime that Triton 24.10's onnxruntime backend is built on (Triton's 24.10 release
 #: notes); requirements.txt pins the same, so the local server computes with the cloud's library.
 TRITON_ONNXRUNTIME = "1.19.2"
-TOKENIZERS_PIN = "tokenizers==0.22.1"  # as in requirements.txt and docker/Dockerfile
+#: The serving image's Dockerfile: the one list of what the python-backend models need.
+DOCKERFILE = Path(__file__).resolve().parent.parent / "docker" / "Dockerfile"
 SHIM_MODEL = Path(__file__).with_name("onnx_shim_model.py")
 
 
@@ -116,6 +117,7 @@ def local_repository(repository: Path, dest: Path) -> list[str]:
         config.default_model_filename = ""
         config.platform = ""
         config.backend = "python"
+        config.ClearField("optimization")  # the CUDA provider's options: no GPU here
         set_instance_kind(config, "KIND_CPU")
         write_config(config, dest / model_dir.name / "config.pbtxt")
         for item in (model_dir / "1").iterdir():
@@ -144,6 +146,9 @@ class TritonServer:
     log_path: Path
     converted: list[str] = field(default_factory=list)
     started_s: float = 0.0
+    #: Triton's gRPC endpoint (``127.0.0.1:<port>``) and Prometheus metrics URL, where served.
+    grpc_url: str | None = None
+    metrics_url: str | None = None
     container: str | None = None
     artifact_root: Path | None = None
     command: list[str] = field(default_factory=list)
@@ -235,8 +240,8 @@ def wait_until_ready(server: TritonServer, timeout: float) -> None:
 #: is the derived one, and it listens on a free loopback port, HTTP only.
 REPLACED_FLAGS = (
     "--model-repository=", "--http-port=", "--http-address=", "--grpc-port=",
-    "--metrics-port=", "--allow-grpc=", "--allow-metrics=", "--backend-directory=",
-    "--cache-directory=",
+    "--grpc-address=", "--metrics-port=", "--metrics-address=", "--allow-grpc=",
+    "--allow-metrics=", "--backend-directory=", "--cache-directory=",
 )  # fmt: skip
 
 
@@ -289,6 +294,7 @@ def _launch_bundled(
     )
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     kept = [a for a in server_args if not a.startswith(REPLACED_FLAGS)]
+    grpc_port, metrics_port = free_port(), free_port()  # gRPC streams; the engine's counters
     cmd = [
         str(server_dir / "bin" / "tritonserver"),
         f"--model-repository={tmp.name}",
@@ -297,8 +303,11 @@ def _launch_bundled(
         f"--cache-directory={server_dir / 'caches'}",
         f"--http-port={http_port}",
         "--http-address=127.0.0.1",
-        "--allow-grpc=false",
-        "--allow-metrics=false",
+        f"--grpc-port={grpc_port}",
+        "--grpc-address=127.0.0.1",
+        f"--metrics-port={metrics_port}",
+        "--metrics-address=127.0.0.1",
+        "--allow-gpu-metrics=false",
     ]
     if not any(a.startswith("--log-verbose=") for a in kept):
         cmd.append("--log-verbose=0")
@@ -311,7 +320,8 @@ def _launch_bundled(
     log.close()
     return TritonServer(
         f"http://127.0.0.1:{http_port}", "bundled", proc, log_path, converted, _tmp=tmp,
-        command=shown,
+        command=shown, grpc_url=f"127.0.0.1:{grpc_port}",
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
     )  # fmt: skip
 
 
@@ -349,6 +359,21 @@ def gpu_present() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
+def dockerfile_packages(dockerfile: Path = DOCKERFILE) -> list[str]:
+    """The pinned packages (``name==version``) the Dockerfile's ``pip install`` adds to the NGC
+    image: what the python-backend models import beyond it. Read from the file, so a plain NGC
+    container gets exactly what the built image has."""
+    text = re.sub(r"\\\n", " ", Path(dockerfile).read_text())  # join continuation lines
+    packages = []
+    for line in text.splitlines():
+        if line.startswith("RUN ") and "pip install" in line:
+            command = line.split("&&")[0]
+            packages += [w for w in shlex.split(command) if "==" in w and not w.startswith("-")]
+    if not packages:
+        raise TutorialError(f"{dockerfile} has no pinned `pip install`: nothing to install.")
+    return packages
+
+
 def docker_command(
     artifact_root: Path,
     server_args: list[str],
@@ -357,25 +382,29 @@ def docker_command(
     name: str,
     gpus: bool,
     shm_size: str = "1g",
+    metrics_port: int | None = None,
 ) -> list[str]:
     """``docker run`` with the unpacked artifact mounted read-only where OCI mounts it, and
     the deployment's Triton arguments.
 
-    The plain NGC image lacks the tokenizer package the python-backend models import; with it,
-    the container installs the pinned ``tokenizers`` before starting Triton (the image built in
-    notebook 05 has it already).
+    The plain NGC image lacks the packages the python-backend models import (the tokenizer,
+    onnxruntime); with it, the container first installs exactly the Dockerfile's pinned
+    packages (:func:`dockerfile_packages`), so it serves what the image notebook 05 builds
+    serves (that image has them already).
     """
     serve = ["tritonserver", *server_args]
     if image == NGC_IMAGE:
+        install = " ".join(shlex.quote(p) for p in dockerfile_packages())
         serve = [
             "bash",
             "-c",
-            f"pip install -q --no-deps {TOKENIZERS_PIN} && exec {' '.join(serve)}",
+            f"pip install -q --no-cache-dir --no-deps {install} && exec {' '.join(serve)}",
         ]
     return [
         "docker", "run", "--rm", "--name", name, f"--shm-size={shm_size}",
         *(["--gpus", "all"] if gpus else []),
         "-p", f"127.0.0.1:{http_port}:8000",
+        *(["-p", f"127.0.0.1:{metrics_port}:8002"] if metrics_port else []),
         "-v", f"{Path(artifact_root).resolve()}:{OCI_ARTIFACT_ROOT}:ro",
         image, *serve,
     ]  # fmt: skip
@@ -386,16 +415,19 @@ def _launch_docker(
 ) -> TritonServer:
     name = f"tutorial-triton-{http_port}"
     args = [a for a in server_args if not a.startswith(("--http-port=", "--http-address="))]
+    metrics_port = free_port()  # the engine's counters (Triton's metrics, port 8002 inside)
     cmd = docker_command(
-        artifact_root, [*args, "--http-port=8000"], http_port, image, name, gpu_present()
-    )
+        artifact_root, [*args, "--http-port=8000"], http_port, image, name, gpu_present(),
+        metrics_port=metrics_port,
+    )  # fmt: skip
     log = open(log_path, "w")  # noqa: SIM115
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     log.close()
     return TritonServer(
-        f"http://127.0.0.1:{http_port}", "docker", proc, log_path, container=name, command=cmd
-    )
+        f"http://127.0.0.1:{http_port}", "docker", proc, log_path, container=name, command=cmd,
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+    )  # fmt: skip
 
 
 def launch_triton(

@@ -1,18 +1,784 @@
-"""Triton python backend: `generate_stream` runs the same code as `generate`, in decoupled mode.
+"""Triton python backend: the generation engine. Greedy generation with a KV cache, the loop on
+the server, every request in flight run as one batch.
 
-The code lives once, in `../../generate/1/model.py` (this file loads it from the model
-repository it is served from, which holds both models). A plain file, not a link: zips,
-read-only mounts and checkouts without symbolic links (Windows) all carry it.
+This model (`generate_stream`, decoupled) is the server's one engine: one onnxruntime session,
+one batch. Streaming clients call it directly (one response per token as it comes); `generate`
+(`../../generate/1/model.py`, not decoupled, so it answers Triton's `/infer` and OCI's
+`/predict`) forwards each request here through BLS with the request parameter
+``"stream": false`` and gets one response with every token. So streaming and non-streaming
+requests share decode steps.
+
+One request in, N tokens out: tokenize once, prefill the prompt (alone), then one token per
+step with the cache of the steps before. `execute` only checks a request and hands it to the
+engine thread, which runs every request in flight as one batch: one step makes the next token
+of each of them, reading the model's weights once for all (a decode step is bound by reading
+the weights, so a step over 8 rows costs little more than a step over 1). A request joins at
+the step after its prefill and leaves when it stops, or at the next step once its client has
+cancelled it; its row's attention mask and positions are its own (the ONNX model derives
+positions from the mask), so it gets the tokens it gets alone. Imports nothing from the
+repository.
+
+Who computes a step (parameter `step_runner`):
+  onnxruntime  this process runs the step model's ONNX file, kept beside this file as
+               `<step_model>.onnx`, in an onnxruntime session made in `initialize` (IO binding;
+               on a GPU the cache stays on the device), no hop per step;
+  bls          each step is a BLS call to the model `<step_model>` (the cache crosses /dev/shm).
 """
 
-import importlib.util
+import ctypes
+import json
+import os
+import queue
+import threading
+import time
 from pathlib import Path
 
-_source = Path(__file__).resolve().parents[2] / "generate" / "1" / "model.py"
-_spec = importlib.util.spec_from_file_location("generate_model", _source)
-if _spec is None or not _source.is_file():
-    raise ImportError(f"generate_stream needs the generate model's code at {_source}")
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import ByteLevelBPETokenizer
 
-TritonPythonModel = _module.TritonPythonModel
+END_OF_TEXT = "<|endoftext|>"
+
+
+class InputError(ValueError):
+    """A request the client must fix (answered with HTTP 400)."""
+
+
+#: Where the python backend keeps the tensors it passes between Triton and this process.
+SHM_PATH = "/dev/shm"
+
+
+def shm_bytes(path=SHM_PATH):
+    """The size of the shared-memory filesystem (a container's default is 64 MB)."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_blocks * stats.f_frsize
+
+
+def shm_problem(tokens, cache_bytes_per_token, copies, available):
+    """Why a request of ``tokens`` tokens (prompt plus new) would not fit in shared memory, or
+    None. Each step holds ``copies`` KV caches of that length in /dev/shm at once."""
+    if available is None:
+        return None
+    needed = tokens * cache_bytes_per_token * copies
+    if needed <= available:
+        return None
+    fits = max(0, available // (cache_bytes_per_token * copies))
+    return (
+        f"this request needs about {needed / 2**20:.0f} MiB of shared memory for its KV cache "
+        f"({tokens} tokens: prompt plus MAX_NEW_TOKENS), but {SHM_PATH} holds "
+        f"{available / 2**20:.0f} MiB (at most about {fits} tokens fit): send a shorter prompt "
+        f"or fewer MAX_NEW_TOKENS, or give the server more shared memory "
+        f"(docker run --shm-size=2g; see the README's troubleshooting)"
+    )
+
+
+def read_text(request) -> str:
+    values = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+    if values.size != 1:
+        raise InputError(f"TEXT must hold exactly one string, got {values.size}")
+    value = values[0]
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"TEXT is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
+    if not isinstance(value, str) or value == "":
+        raise InputError("TEXT is empty: send at least one character")
+    return value
+
+
+# --- who computes a step ---------------------------------------------------------------------
+
+
+class BlsRunner:
+    """A step is a BLS call to the step model (`gpt2_with_past`); the cache crosses /dev/shm."""
+
+    uses_shm = True
+
+    def __init__(self, step_model, shm_available):
+        self.step_model = step_model
+        self.shm_available = shm_available
+
+    def numpy(self, cache):
+        return cache if isinstance(cache, np.ndarray) else cache.as_numpy()
+
+    def run(self, ids, mask, past):
+        """logits [batch, vocab] of the last position, and the new cache (opaque)."""
+        if isinstance(past, np.ndarray):
+            past = pb_utils.Tensor("past", np.ascontiguousarray(past))
+        else:  # the step model's `present`, sent back without a copy here (DLPack view)
+            past = pb_utils.Tensor.from_dlpack("past", past.to_dlpack())
+        request = pb_utils.InferenceRequest(
+            model_name=self.step_model,
+            requested_output_names=["logits", "present"],
+            inputs=[
+                pb_utils.Tensor("input_ids", ids),
+                pb_utils.Tensor("attention_mask", mask),
+                past,
+            ],
+            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
+        )
+        response = request.exec()
+        if response.has_error():
+            message = response.error().message()
+            if "shared memory" in message:  # the python backend could not grow its region
+                size = self.shm_available or 0
+                raise RuntimeError(
+                    f"{SHM_PATH} is full ({size / 2**20:.0f} MiB in all): the KV cache of "
+                    f"{mask.shape[0]} x {mask.shape[1]} tokens did not fit. Send a shorter "
+                    "prompt or fewer MAX_NEW_TOKENS, or give the server more shared memory "
+                    "(docker run --shm-size=2g; see the README's troubleshooting). Triton said: "
+                    f"{message}"
+                )
+            raise RuntimeError(f"{self.step_model} failed: {message}")
+        logits = pb_utils.get_output_tensor_by_name(response, "logits").as_numpy()
+        return logits, pb_utils.get_output_tensor_by_name(response, "present")
+
+
+class SessionError(RuntimeError):
+    """The onnxruntime session cannot run where the configuration says it must."""
+
+
+#: What onnxruntime-gpu 1.19 (CUDA 12 build, PyPI) loads for its CUDA provider, besides the
+#: driver: https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#requirements
+CUDA_LIBRARIES = ("libcudart.so.12", "libcublas.so.12", "libcublasLt.so.12", "libcudnn.so.9")
+
+
+def nvidia_gpu_present():
+    """True where this process sees an NVIDIA driver and device (a GPU shape, or a container
+    started with GPUs)."""
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
+def cuda_load_problems(ort):
+    """Why onnxruntime's CUDA provider cannot load here: each library it needs that the loader
+    cannot open, with the loader's message. The provider library is tried last: its message
+    names the first dependency missing."""
+    problems = []
+    for name in CUDA_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+        except OSError as exc:
+            problems.append(str(exc))
+    provider = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    try:
+        ctypes.CDLL(str(provider))
+    except OSError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def cuda_provider_options(params, device_id):
+    """The CUDA provider's options, each set on purpose (parameters in config.pbtxt):
+    use_tf32 "0" keeps fp32 matrix products in fp32 on Ampere and later GPUs (onnxruntime's
+    default, "1", rounds their inputs to TF32, which can change greedy tokens);
+    arena_extend_strategy kSameAsRequested grows the memory pool by what a step asks for, not
+    to the next power of two; gpu_mem_limit caps that pool (0: no cap)."""
+    options = {
+        "device_id": str(device_id),
+        "use_tf32": params.get("cuda_use_tf32", "0"),
+        "arena_extend_strategy": params.get("cuda_arena_extend_strategy", "kSameAsRequested"),
+    }
+    limit = int(params.get("cuda_gpu_mem_limit_bytes", "0"))
+    if limit > 0:
+        options["gpu_mem_limit"] = str(limit)
+    return options
+
+
+def open_session(ort, path, options, device, cuda_options, gpu_present):
+    """An onnxruntime session of ``path`` on the device the configuration asks for.
+
+    ``device``: "auto" (CUDA where the host has an NVIDIA GPU, else the CPU), "cuda" (CUDA or a
+    load error) or "cpu" (the CPU on purpose, even on a GPU host). Where CUDA is expected, a
+    session that would run on the CPU is a SessionError naming the cause: onnxruntime itself
+    only logs a line and carries on on the CPU.
+    """
+    cpu = ["CPUExecutionProvider"]
+    if device not in ("auto", "cuda", "cpu"):
+        raise SessionError(f"onnxruntime_device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "cpu" or (device == "auto" and not gpu_present):
+        return ort.InferenceSession(str(path), options, providers=cpu), "cpu"
+    where = "this host has an NVIDIA GPU" if gpu_present else "onnxruntime_device is 'cuda'"
+    fix = (
+        "Fix the image (docker/Dockerfile installs onnxruntime-gpu==1.19.2 on the NGC 24.10 "
+        "image, which has CUDA 12 and cuDNN 9), or set the parameter onnxruntime_device to "
+        "'cpu' to run on the CPU on purpose."
+    )
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise SessionError(
+            f"{where}, but this onnxruntime ({ort.__version__}) has no CUDA provider: it is "
+            f"the CPU package (available: {ort.get_available_providers()}). {fix}"
+        )
+    session = ort.InferenceSession(
+        str(path), options, providers=[("CUDAExecutionProvider", cuda_options), *cpu]
+    )
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        problems = cuda_load_problems(ort) or ["onnxruntime logged why above"]
+        raise SessionError(
+            f"{where}, but onnxruntime {ort.__version__} could not start its CUDA provider and "
+            f"would run on the CPU: " + "; ".join(problems) + f". {fix}"
+        )
+    return session, "cuda"
+
+
+class SessionRunner:
+    """A step runs in this process on an onnxruntime session of the step model's ONNX file:
+    no hop, no /dev/shm. IO binding keeps the cache where it was made (the GPU's memory when
+    the session runs on CUDA). The session is made by ``open``, in ``initialize``, so a session
+    that cannot run fails the load and readiness covers it."""
+
+    uses_shm = False
+
+    def __init__(self, path, threads, device="auto", cuda_options=None):
+        self.path = path
+        self.threads = threads
+        self.want = device
+        self.cuda_options = cuda_options or {}
+        self.session = None
+        self.device = "cpu"
+        self.keep = []  # what the last step's binding points to (see run)
+
+    def open(self, gpu_present=None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        gpu = nvidia_gpu_present() if gpu_present is None else gpu_present
+        self.session, self.device = open_session(
+            ort, self.path, options, self.want, self.cuda_options, gpu
+        )
+        pb_utils.Logger.log_info(
+            f"generate engine: opened an onnxruntime {ort.__version__} session of "
+            f"{self.path.parent.parent.name}/{self.path.parent.name}/{self.path.name} on "
+            f"{self.device}" + (f" with {self.cuda_options}" if self.device == "cuda" else "")
+        )
+        return self
+
+    def numpy(self, cache):
+        return cache if isinstance(cache, np.ndarray) else cache.numpy()
+
+    def run(self, ids, mask, past):
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        if isinstance(past, np.ndarray):
+            past = np.ascontiguousarray(past)
+            binding.bind_cpu_input("past", past)
+        else:
+            binding.bind_ortvalue_input("past", past)
+        binding.bind_output("logits", "cpu")
+        binding.bind_output("present", self.device, 0)
+        self.session.run_with_iobinding(binding)
+        logits, present = binding.get_outputs()
+        # onnxruntime 1.19 (Triton 24.10's) does not keep alive what a binding points to: the
+        # inputs and this binding (which owns `present`, the next step's past) stay referenced
+        # until the next step has run.
+        self.keep = [binding, ids, mask, past]
+        return logits.numpy(), present
+
+
+# --- the engine: requests in flight, one batch per step --------------------------------------
+
+
+class Job:
+    """One request in flight: its prompt, its limits, and where its tokens go."""
+
+    def __init__(self, prompt, max_new, emit, finish, stream=True, cancelled=None):
+        self.prompt = prompt
+        self.max_new = max_new
+        self.emit = emit  # called with each new token id
+        self.finish = finish  # called once: with None, or with the error
+        self.stream = stream  # one response per token (else one response at the end)
+        self.cancelled = cancelled  # () -> True once the client has cancelled the request
+        self.count = 0
+        self.length = len(prompt)  # tokens in the cache after the last step
+        self.last = None
+        self.done = False
+        self.error = None
+
+    def planned(self, context):
+        return min(len(self.prompt) + self.max_new, context)
+
+
+class Cancelled(RuntimeError):
+    """The client cancelled the request (a closed stream): its row left the batch."""
+
+
+class Unloading(RuntimeError):
+    """The model is being unloaded (the server stops, or the model is unloaded)."""
+
+
+#: The engine's own counters (also published as Prometheus metrics, see Metrics).
+COUNTERS = {
+    "steps": "decode steps run",
+    "rows": "rows over all decode steps (tokens made by decode steps)",
+    "mixed_steps": "decode steps holding both a streaming and a non-streaming request",
+    "prefills": "prompts prefilled",
+    "cancelled": "requests that left the batch because their client cancelled them",
+}
+
+
+class Engine:
+    """Runs every request in flight as one batch, in a thread of its own.
+
+    ``max_batch`` rows at most (1 means one request at a time, in arrival order: the
+    `inflight_batching` "off" switch); an idle engine waits up to ``join_wait_s`` for more
+    requests before its first step. ``counters`` counts what it does (COUNTERS);
+    ``publish(deltas)`` is called after each step with what changed.
+    """
+
+    def __init__(
+        self, runner, past_shape, eos, context, max_batch, join_wait_s, fits, publish=None
+    ):
+        self.runner = runner
+        self.past_shape = past_shape
+        self.eos = eos
+        self.context = context
+        self.max_batch = max_batch
+        self.join_wait_s = join_wait_s
+        self.fits = fits  # fits(rows, tokens): may a batch of rows x tokens run now?
+        self.publish = publish or (lambda deltas: None)
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.pending = queue.Queue()
+        self.waiting = []  # taken from the queue, not yet admitted (did not fit)
+        self.active = []
+        self.cache = None
+        self.mask = None
+        self.stopping = False
+        self.unanswered = 0  # requests answered with an error when the engine stopped
+        self.thread = threading.Thread(target=self.loop, name="generate-engine", daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def submit(self, job):
+        if self.stopping:
+            job.finish(Unloading("the model is being unloaded: send the request again"))
+            return
+        self.pending.put(job)
+
+    def stop(self):
+        """Stop after the step in progress: every request in flight or still queued gets an
+        error response (none is left unanswered)."""
+        self.stopping = True
+        self.pending.put(None)
+        self.thread.join(timeout=30)
+
+    def count(self, deltas):
+        for key, value in deltas.items():
+            self.counters[key] += value
+        try:
+            self.publish(deltas)
+        except Exception as exc:  # metrics are a report: never fail a step for them
+            pb_utils.Logger.log_warn(f"generate engine: could not publish counters: {exc!r}")
+
+    # -- the loop --
+
+    def take(self, block):
+        """Requests to admit before the next step (at most max_batch in all)."""
+        free = self.max_batch - len(self.active)
+        taken, deadline = [], None
+        while len(taken) < free:
+            if self.waiting:
+                taken.append(self.waiting.pop(0))
+                continue
+            try:
+                if block and not taken:
+                    job = self.pending.get()
+                    deadline = time.monotonic() + self.join_wait_s
+                elif deadline is not None and deadline > time.monotonic():
+                    job = self.pending.get(timeout=deadline - time.monotonic())
+                else:
+                    job = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                break
+            taken.append(job)
+        return taken
+
+    def loop(self):
+        while not self.stopping:
+            try:
+                self.turn()
+            except Exception as exc:  # never lose the thread: fail what is in flight, go on
+                pb_utils.Logger.log_error(f"generate engine: {exc!r}")
+                for job in self.active:
+                    job.finish(exc)
+                self.active, self.cache, self.mask = [], None, None
+        left = self.active + self.waiting
+        while True:  # and what is still queued: every request gets an answer
+            try:
+                job = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                left.append(job)
+        self.active, self.waiting = [], []
+        self.unanswered = len(left)
+        for job in left:
+            job.finish(Unloading("the model is being unloaded: send the request again"))
+
+    def turn(self):
+        """Admit what waits (prefill each), then one decode step for the batch."""
+        for job in self.take(block=not self.active):
+            if self.stopping:
+                self.waiting.append(job)  # answered by loop() on its way out
+                continue
+            if job.cancelled is not None and job.cancelled():  # gone before its prefill
+                job.finish(Cancelled("the client cancelled the request"))
+                self.count({"cancelled": 1})
+                continue
+            rows = len(self.active) + 1
+            longest = max(j.planned(self.context) for j in [job, *self.active])
+            if self.active and not self.fits(rows, longest):
+                self.waiting.append(job)  # joins when rows have left
+                continue
+            self.prefill(job)
+        self.drop_cancelled()
+        if self.active:
+            self.decode()
+
+    def advance(self, job, token):
+        job.count += 1
+        job.last = token
+        job.done = token == self.eos or job.length >= self.context or job.count >= job.max_new
+        try:
+            job.emit(token)
+        except Exception as exc:  # a stream whose client went away: the row leaves
+            job.error, job.done = exc, True
+
+    def drop_cancelled(self):
+        """Rows whose client cancelled the request leave before the next step."""
+        gone = [job for job in self.active if job.cancelled is not None and job.cancelled()]
+        if not gone:
+            return
+        for job in gone:
+            job.done, job.error = True, Cancelled("the client cancelled the request")
+        self.count({"cancelled": len(gone)})
+        self.remove_finished()
+
+    def prefill(self, job):
+        """The prompt alone, with an empty cache; then the row joins the batch."""
+        shape = list(self.past_shape)
+        shape[2], shape[4] = 1, 0
+        try:
+            ids = np.asarray([job.prompt], dtype=np.int32)
+            mask = np.ones((1, len(job.prompt)), dtype=np.int32)
+            logits, present = self.runner.run(ids, mask, np.zeros(shape, np.float32))
+            self.advance(job, int(np.argmax(logits[0])))
+        except Exception as exc:
+            job.finish(exc)
+            return
+        self.count({"prefills": 1})
+        if job.done:
+            job.finish(job.error)
+            return
+        if not self.active:
+            self.active, self.cache, self.mask = [job], present, mask
+            return
+        # Pad the shorter side on the left (mask 0) to a common length, then stack the rows.
+        batch = self.runner.numpy(self.cache)
+        row = self.runner.numpy(present)
+        gap = batch.shape[4] - row.shape[4]
+        if gap > 0:
+            row = np.pad(row, [(0, 0)] * 4 + [(gap, 0), (0, 0)])
+            mask = np.pad(mask, [(0, 0), (gap, 0)])
+        elif gap < 0:
+            batch = np.pad(batch, [(0, 0)] * 4 + [(-gap, 0), (0, 0)])
+            self.mask = np.pad(self.mask, [(0, 0), (-gap, 0)])
+        self.cache = np.concatenate([batch, row], axis=2)
+        self.mask = np.concatenate([self.mask, mask], axis=0)
+        self.active.append(job)
+
+    def decode(self):
+        """One step for every row: each row's last token in, each row's next token out."""
+        ids = np.asarray([[job.last] for job in self.active], dtype=np.int32)
+        mask = np.pad(self.mask, [(0, 0), (0, 1)], constant_values=1)
+        try:
+            logits, present = self.runner.run(ids, mask, self.cache)
+        except Exception as exc:  # every row of the failed step gets the error
+            for job in self.active:
+                job.finish(exc)
+            self.active, self.cache, self.mask = [], None, None
+            return
+        for i, job in enumerate(self.active):
+            job.length += 1
+            self.advance(job, int(np.argmax(logits[i])))
+        self.cache, self.mask = present, mask
+        kinds = {job.stream for job in self.active}
+        self.count({"steps": 1, "rows": len(self.active), "mixed_steps": int(len(kinds) == 2)})
+        self.remove_finished()
+
+    def remove_finished(self):
+        """Answer the rows that are done and take them out of the batch."""
+        finished = [job for job in self.active if job.done]
+        if not finished:
+            return
+        for job in finished:
+            job.finish(job.error)
+        keep = [i for i, job in enumerate(self.active) if not job.done]
+        self.active = [self.active[i] for i in keep]
+        if not self.active:
+            self.cache = self.mask = None
+            return
+        # Drop the finished rows, and the columns no remaining row uses (padding only).
+        mask = self.mask[keep]
+        first = int(np.argmax(mask.any(axis=0)))
+        self.cache = self.runner.numpy(self.cache)[:, :, keep, :, first:]
+        self.mask = mask[:, first:]
+
+
+# --- the Triton model -----------------------------------------------------------------------
+
+
+class Metrics:
+    """The engine's counters (COUNTERS) as Prometheus counters on Triton's metrics endpoint,
+    ``generate_engine_<counter>_total{model="..."}``; a no-op where Triton's metrics are off."""
+
+    def __init__(self, model):
+        self.metrics = {}
+        try:
+            for key, what in COUNTERS.items():
+                family = pb_utils.MetricFamily(
+                    name=f"generate_engine_{key}_total",
+                    description=f"generate engine: {what}",
+                    kind=pb_utils.MetricFamily.COUNTER,
+                )
+                self.metrics[key] = (family, family.Metric(labels={"model": model}))
+        except Exception as exc:  # metrics disabled (--allow-metrics=false): counters stay local
+            pb_utils.Logger.log_info(f"{model}: engine counters not published: {exc}")
+            self.metrics = {}
+
+    def publish(self, deltas):
+        for key, value in deltas.items():
+            if value and key in self.metrics:
+                self.metrics[key][1].increment(value)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        here = Path(args["model_repository"]) / args["model_version"]
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        self.name = config["name"]
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException(
+                f"{self.name}: the generation engine must be decoupled "
+                "(model_transaction_policy { decoupled: true })"
+            )
+        self.default_new = int(params["default_max_new_tokens"])
+        self.limit = int(params["max_new_tokens_limit"])
+        self.context = int(params["max_context_tokens"])
+        if "empty_past_shape" not in params:
+            raise pb_utils.TritonModelException(
+                f"{config['name']}: parameter 'empty_past_shape' is not set. This is the "
+                "committed template of the model repository; run notebooks/03_model_repository"
+                ".ipynb, which assembles the repository to serve (weights, vocab files, shapes)."
+            )
+        self.past_shape = [int(d) for d in params["empty_past_shape"].split(",")]
+        # Bytes of KV cache per token: n_layer * 2 * n_head * head_dim float32 values.
+        n_layer, two, _, n_head, _, head_dim = self.past_shape
+        self.cache_bytes_per_token = n_layer * two * n_head * head_dim * 4
+        # KV caches of a request's length in /dev/shm at once during a BLS step (parameter
+        # shm_caches_per_step, explained in config.pbtxt).
+        self.shm_copies = int(params.get("shm_caches_per_step", "8"))
+        self.shm_available = shm_bytes()
+        self.tokenizer = ByteLevelBPETokenizer(str(here / "vocab.json"), str(here / "merges.txt"))
+        self.tokenizer.add_special_tokens([END_OF_TEXT])
+        self.eos = self.tokenizer.token_to_id(END_OF_TEXT)
+
+        runner = params.get("step_runner", "onnxruntime")
+        if runner == "bls":
+            self.runner = BlsRunner(params["step_model"], self.shm_available)
+        elif runner == "onnxruntime":
+            path = here / f"{params['step_model']}.onnx"
+            if not path.is_file():
+                raise pb_utils.TritonModelException(
+                    f"{self.name}: step_runner 'onnxruntime' needs {path}, which is missing "
+                    "(notebook 03 puts the step model's ONNX file there)"
+                )
+            self.runner = SessionRunner(
+                path,
+                int(params.get("onnxruntime_threads", "0")),
+                params.get("onnxruntime_device", "auto"),
+                cuda_provider_options(params, args.get("model_instance_device_id", "0")),
+            )
+            try:  # here, not at the first request: a session that cannot run fails the load
+                self.runner.open()
+            except SessionError as exc:
+                raise pb_utils.TritonModelException(f"{self.name}: {exc}") from None
+        else:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: step_runner must be 'onnxruntime' or 'bls', got {runner!r}"
+            )
+        batching = params.get("inflight_batching", "on")
+        if batching not in ("on", "off"):
+            raise pb_utils.TritonModelException(
+                f"{self.name}: inflight_batching must be 'on' or 'off', got {batching!r}"
+            )
+        max_batch = int(params.get("max_batch", "8")) if batching == "on" else 1
+        wait_s = float(params.get("max_join_wait_ms", "0")) / 1000.0
+        self.metrics = Metrics(self.name)
+        self.engine = Engine(
+            self.runner,
+            self.past_shape,
+            self.eos,
+            self.context,
+            max(1, max_batch),
+            wait_s,
+            self.fits,
+            self.metrics.publish,
+        ).start()
+        pb_utils.Logger.log_info(
+            f"{self.name}: step_runner {runner}, inflight_batching {batching} "
+            f"(at most {max(1, max_batch)} requests per step, join wait {wait_s * 1e3:g} ms)"
+        )
+
+    def finalize(self):
+        self.engine.stop()
+        pb_utils.Logger.log_info(
+            f"{self.name}: unloaded; {self.engine.unanswered} requests in flight or queued "
+            "were answered with an error"
+        )
+
+    def fits(self, rows, tokens):
+        """May a batch of ``rows`` requests of up to ``tokens`` tokens run now? Only the BLS
+        runner's cache goes through /dev/shm; a joiner that would overflow it waits."""
+        if not self.runner.uses_shm:
+            return True
+        problem = shm_problem(
+            tokens * rows, self.cache_bytes_per_token, self.shm_copies, self.shm_available
+        )
+        return problem is None
+
+    def max_new_tokens(self, request) -> int:
+        tensor = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
+        if tensor is None:
+            return self.default_new
+        values = tensor.as_numpy().reshape(-1)
+        if values.size != 1 or not (1 <= int(values[0]) <= self.limit):
+            got = values.tolist() if values.size != 1 else int(values[0])
+            raise InputError(
+                f"MAX_NEW_TOKENS must be one integer from 1 to {self.limit}, got {got}"
+            )
+        return int(values[0])
+
+    def prepare(self, request):
+        """Check the request; return the prompt's token ids and how many tokens to make."""
+        text = read_text(request)
+        max_new = self.max_new_tokens(request)
+        prompt = self.tokenizer.encode(text).ids[-(self.context - 1) :]
+        if self.runner.uses_shm:
+            tokens = min(len(prompt) + max_new, self.context)
+            problem = shm_problem(
+                tokens, self.cache_bytes_per_token, self.shm_copies, self.shm_available
+            )
+            if problem:
+                raise InputError(problem)
+        return prompt, max_new
+
+    @staticmethod
+    def outputs(text, ids):
+        return [
+            pb_utils.Tensor("GENERATED_TEXT", np.asarray([text.encode("utf-8")], dtype=object)),
+            pb_utils.Tensor("TOKEN_IDS", np.asarray(ids, dtype=np.int64)),
+        ]
+
+    @staticmethod
+    def error_response(exc, stream=True):
+        """The error for the client. To `generate` (``stream`` false) the message starts with
+        the code's name: BLS in Triton 24.10 hands every error to its caller as INTERNAL, and
+        `generate` restores the code from the message."""
+        if isinstance(exc, InputError):
+            code = "INVALID_ARG"
+        elif isinstance(exc, Cancelled):
+            code = "CANCELLED"
+        elif isinstance(exc, Unloading):
+            code = "UNAVAILABLE"
+        else:  # the step's own error, passed on
+            code = "INTERNAL"
+        message = str(exc) if stream else f"{code}: {exc}"
+        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
+        return pb_utils.InferenceResponse(error=error)
+
+    @staticmethod
+    def streaming(request):
+        """One response per token, unless the request parameter "stream" is false (what
+        `generate` sends): then one response with every token."""
+        try:
+            parameters = json.loads(request.parameters() or "{}")
+        except (AttributeError, ValueError):
+            parameters = {}
+        value = parameters.get("stream", True)
+        return value not in (False, "false", "False", "0", 0)
+
+    def job(self, request, sender):
+        """A Job whose tokens go to the request's response sender: one response per token as
+        it comes (a stream), or one response with all of them at the end.
+
+        Streaming: each response carries the new text since the last one; a token that ends
+        inside a multi-byte character is held back until the character is complete, so the
+        pieces joined equal the non-streaming GENERATED_TEXT.
+        """
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        prompt, max_new = self.prepare(request)
+        stream = self.streaming(request)
+        new, sent = [], [""]
+
+        def emit(token):
+            new.append(token)
+            if not stream:
+                return
+            text = self.tokenizer.decode(new, skip_special_tokens=False)
+            piece = "" if text.endswith("\ufffd") else text[len(sent[0]) :]
+            sent[0] += piece
+            sender.send(pb_utils.InferenceResponse(output_tensors=self.outputs(piece, [token])))
+
+        def finish(error):
+            try:
+                if error is not None:
+                    sender.send(self.error_response(error, stream), flags=final)
+                    return
+                text = self.tokenizer.decode(new, skip_special_tokens=False)
+                if not stream:
+                    response = pb_utils.InferenceResponse(output_tensors=self.outputs(text, new))
+                    sender.send(response, flags=final)
+                    return
+                if text != sent[0]:
+                    rest = pb_utils.InferenceResponse(
+                        output_tensors=self.outputs(text[len(sent[0]) :], [])
+                    )
+                    sender.send(rest)
+                sender.send(flags=final)
+            except Exception as exc:  # the client went away: nothing left to tell it
+                pb_utils.Logger.log_warn(f"{self.name}: could not send a response: {exc}")
+
+        # A client can cancel a stream (gRPC: closing it); checked before each step. Requests
+        # from `generate` (BLS) are not checked: nothing cancels them, and each check is a
+        # round trip to the server.
+        cancelled = sender.is_cancelled if stream else None
+        return Job(prompt, max_new, emit, finish, stream=stream, cancelled=cancelled)
+
+    def execute(self, requests):
+        # Every request is answered through its response sender, by the engine thread (or here,
+        # at once, when it is refused); execute returns at once, so requests that come while
+        # others are in flight join them.
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                job = self.job(request, sender)
+            except Exception as exc:
+                response = self.error_response(exc, self.streaming(request))
+                sender.send(response, flags=final)
+                continue
+            self.engine.submit(job)
+        return None
