@@ -20,12 +20,20 @@ BOXES = {
     "generate": (
         2.6,
         0.6,
-        2.6,
+        2.2,
         1.0,
-        "generate + generate_stream\npython; the KV-cache loop runs\nin its own onnxruntime session",
+        "generate\npython, no weights\none response (/infer)",
         "#fce5cd",
     ),
-    "past": (7.0, 0.6, 1.9, 1.0, "gpt2_with_past\nonnxruntime\nfp32 GPU | int8 CPU", "#d9ead3"),
+    "engine": (
+        6.0,
+        0.6,
+        3.4,
+        1.0,
+        "generate_stream: the engine\none onnxruntime session (made at load)\n"
+        "over gpt2_with_past.onnx beside it",
+        "#fce5cd",
+    ),
 }
 ARROWS = [
     ("client", "encoder", "TEXT\nBYTES [1]"),
@@ -33,10 +41,10 @@ ARROWS = [
     ("gpt2", "decoder", "last_logits\nFP32 [1, 50257]"),
     ("client", "generate", "TEXT, MAX_NEW_TOKENS"),
 ]
-#: Not a request: generate loads gpt2_with_past's model.onnx into its own session (step_runner
-#: "onnxruntime", the default); with step_runner "bls" it calls the gpt2_with_past model instead.
-FILE_LINK = ("generate", "past", "reads its model.onnx\n(calls it only with\nstep_runner bls)")
-
+#: generate holds no weights: it forwards each request to the engine (BLS), whose one batch
+#: serves streaming and one-response requests alike. gpt2_with_past is a model of its own only
+#: with step_runner "bls".
+FORWARD = ("generate", "engine", "each request\n(BLS)")
 
 OUT = Path(__file__).with_name("pipeline.png")
 
@@ -59,11 +67,14 @@ def main(out: Path = OUT) -> Path:
     )
     ax.add_patch(
         FancyBboxPatch(
-            (2.4, 0.3), 6.7, 1.6, boxstyle="round,pad=0.05", fc="none", ec="#888", ls="--"
+            (2.4, 0.3), 7.2, 1.6, boxstyle="round,pad=0.05", fc="none", ec="#888", ls="--"
         )
     )
     ax.text(
-        2.5, 2.0, "generate: one call = N tokens, the KV cache kept in its own process", fontsize=9
+        2.5,
+        2.0,
+        "generate / generate_stream: one call = N tokens; one engine batches every request",
+        fontsize=9,
     )
     for x, y, w, h, label, color in BOXES.values():
         ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.05", fc=color, ec="#333"))
@@ -79,14 +90,14 @@ def main(out: Path = OUT) -> Path:
             tx, ty = 1.0, 1.5
         ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, color="#333"))
         ax.text(tx, ty, label, ha="center", va="bottom", fontsize=7.5, color="#222")
-    a, b, label = FILE_LINK
+    a, b, label = FORWARD
     ax_, ay, aw, ah = BOXES[a][:4]
     bx, by, bw, bh = BOXES[b][:4]
-    start, end = (bx - 0.05, by + bh / 2), (ax_ + aw + 0.05, ay + ah / 2)
-    ax.add_patch(
-        FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color="#777", ls="--")
+    start, end = (ax_ + aw + 0.05, ay + ah / 2), (bx - 0.05, by + bh / 2)
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color="#333"))
+    ax.text(
+        (start[0] + end[0]) / 2, ay + ah / 2 + 0.08, label, ha="center", va="bottom", fontsize=7
     )
-    ax.text((start[0] + end[0]) / 2, by + bh / 2 - 0.06, label, ha="center", va="top", fontsize=7)
     ax.set_title("GPT-2 on Triton: the model repository served locally and on OCI", fontsize=11)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
