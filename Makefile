@@ -107,3 +107,32 @@ format: venv
 
 clean:
 	rm -rf build artifacts
+
+# Peers (docs/peers.md). Each in its own virtual environment, built on demand, never by `make test`.
+PEER_PYTHON ?= $(firstword $(foreach v,3.11 3.12,$(call runnable,python$(v))))
+# llama.cpp through llama-cpp-python: an sdist compiled here (about 9 minutes on 2 cores), niced.
+LLAMACPP_VENV := .venv-llamacpp
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed-llama-cpp-python-0.3.36
+
+$(LLAMACPP_STAMP):
+	@[ -n "$(PEER_PYTHON)" ] || { echo "llama-cpp-python needs Python 3.11 or 3.12: name one with PEER_PYTHON=/path/to/python3.11"; exit 1; }
+	'$(PEER_PYTHON)' -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/pip install --quiet --upgrade pip==25.3
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice -n 10 $(LLAMACPP_VENV)/bin/pip install \
+	  'llama-cpp-python[server]==0.3.36' gguf==0.19.0 numpy==1.26.4
+	touch $@
+
+llamacpp-venv: $(LLAMACPP_STAMP)
+
+# NVIDIA AIPerf, the outside load generator (Python >= 3.11, many dependencies: its own venv).
+AIPERF_VENV := .venv-aiperf
+AIPERF_STAMP := $(AIPERF_VENV)/.installed-aiperf-0.13.0
+
+$(AIPERF_STAMP):
+	@[ -n "$(PEER_PYTHON)" ] || { echo "AIPerf needs Python >= 3.11: name one with PEER_PYTHON=/path/to/python3.11"; exit 1; }
+	'$(PEER_PYTHON)' -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/pip install --quiet --upgrade pip==25.3
+	nice -n 10 $(AIPERF_VENV)/bin/pip install --quiet aiperf==0.13.0
+	touch $@
+
+aiperf-venv: $(AIPERF_STAMP)
