@@ -26,7 +26,8 @@ BUILD := build/notebooks
 # without credentials).
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: run test bench bench-stream family-bench export-memory readme-image lint format venv which-python clean
+.PHONY: run test bench bench-stream family-bench export-memory readme-image lint format venv \
+  which-python clean llamacpp-venv llamacpp-peer aiperf-venv aiperf
 
 # Which Python, or why none: runs before anything is installed.
 which-python:
@@ -124,6 +125,11 @@ $(LLAMACPP_STAMP):
 
 llamacpp-venv: $(LLAMACPP_STAMP)
 
+# llama.cpp F32 and Q8_0 against our onnxruntime fp32 and int8, single stream, one run (after
+# notebooks 01-02): logits checked first. ARGS="--rounds 3" to pass options.
+llamacpp-peer: venv $(LLAMACPP_STAMP)
+	$(BIN)/python benchmarks/llamacpp_peer.py $(ARGS)
+
 # NVIDIA AIPerf, the outside load generator (Python >= 3.11, many dependencies: its own venv).
 AIPERF_VENV := .venv-aiperf
 AIPERF_STAMP := $(AIPERF_VENV)/.installed-aiperf-0.13.0
@@ -136,3 +142,8 @@ $(AIPERF_STAMP):
 	touch $@
 
 aiperf-venv: $(AIPERF_STAMP)
+
+# AIPerf against our generate_stream beside our own client, one server (after notebooks 01-03):
+# 32 requests at concurrency 8; the server is stopped at the end. ARGS="--concurrency 4" etc.
+aiperf: venv $(AIPERF_STAMP)
+	$(BIN)/python benchmarks/aiperf_peer.py $(ARGS)
