@@ -95,7 +95,15 @@ class Worker:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise SystemExit(f"the llama.cpp worker exited (code {self.proc.wait()})")
+            code = self.proc.wait()
+            hint = (
+                " (SIGILL, an illegal instruction: a CPU feature the build used that this machine"
+                " does not run, e.g. AMX a virtual machine reports but does not enable; try"
+                " --no-extra-bufts, which keeps llama.cpp off its AMX and repacked buffers)"
+                if code == -4
+                else ""
+            )
+            raise SystemExit(f"the llama.cpp worker exited (code {code}){hint}")
         answer = json.loads(line)
         if "error" in answer:
             raise SystemExit(f"llama.cpp worker: {answer['error']}")
@@ -156,6 +164,11 @@ def main() -> None:
     parser.add_argument("--check-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--atol", type=float, default=1e-2, help="F32 logits vs ours")
+    parser.add_argument(
+        "--no-extra-bufts",
+        action="store_true",
+        help="llama.cpp without its extra buffer types (AMX, repacked weights)",
+    )
     args = parser.parse_args()
     if not VENV_PYTHON.exists():
         raise SystemExit(f"{VENV_PYTHON} is missing: make llamacpp-venv builds it (~9 min).")
@@ -192,7 +205,11 @@ def main() -> None:
     }
     try:
         summary["llama_cpp"] = llama(
-            "load", paths={k: str(p) for k, p in ggufs.items()}, threads=args.threads, n_ctx=256
+            "load",
+            paths={k: str(p) for k, p in ggufs.items()},
+            threads=args.threads,
+            n_ctx=256,
+            extra_bufts=not args.no_extra_bufts,
         )
         print(
             f"llama-cpp-python {summary['llama_cpp']['llama_cpp_python']}: {summary['llama_cpp']['system']}"

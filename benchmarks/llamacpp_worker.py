@@ -74,6 +74,26 @@ def quantize_q8_0(src: Path, dst: Path, threads: int = 2) -> None:
         raise SystemExit(f"llama_model_quantize({src} -> {dst}) returned {rc}")
 
 
+def no_extra_buffer_types() -> None:
+    """Load models with ``llama_model_params.use_extra_bufts = false``: no AMX buffers and no
+    weight repacking. llama-cpp-python's ``Llama`` has no argument for it, so the default
+    params it starts from are patched (``llama_cpp/llama.py`` calls
+    ``llama_cpp.llama_model_default_params()`` in ``__init__``)."""
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+    if getattr(default, "no_extra_bufts", False):
+        return
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params.no_extra_bufts = True
+    low.llama_model_default_params = params
+
+
 class Engines:
     """The loaded models: one context each for decoding (last logits only) and, on demand,
     one with every position's logits for the check."""
@@ -83,10 +103,12 @@ class Engines:
         self.paths: dict[str, str] = {}
         self.threads = 2
 
-    def load(self, paths: dict[str, str], threads: int, n_ctx: int) -> dict:
+    def load(self, paths: dict[str, str], threads: int, n_ctx: int, extra_bufts: bool) -> dict:
         from llama_cpp import Llama
 
         self.threads = threads
+        if not extra_bufts:
+            no_extra_buffer_types()
         for name, path in paths.items():
             self.paths[name] = path
             self.models[name] = Llama(
@@ -163,7 +185,7 @@ def main() -> None:
     if cmd == "write-gguf":
         write_gguf(*map(Path, args))
     elif cmd == "quantize":
-        quantize_q8_0(*map(Path, args))
+        quantize_q8_0(Path(args[0]), Path(args[1]), int(args[2]) if len(args) > 2 else 2)
     elif cmd == "serve":
         serve()
     else:
