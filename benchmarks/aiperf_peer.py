@@ -240,7 +240,9 @@ def main() -> None:
         f"| {run['client_cpu_s']:.1f} | {run['server_cpu_s']:.1f} | {run['wall_s']:.1f} |"
     )
     print(
-        f"\nAIPerf's request count {fmt(metric(a, 'request_count', 'avg'), 0)}, "
+        f"\nAIPerf's benchmark duration {fmt(metric(a, 'benchmark_duration', 'avg'))} s "
+        f"(its tokens/s divide by it; its wall time above includes its start-up), "
+        f"request count {fmt(metric(a, 'request_count', 'avg'), 0)}, "
         f"errors {fmt(metric(a, 'error_request_count', 'avg'), 0)}; its log: {run['log']}"
     )
     out = common.workdir() / "results" / "aiperf_peer.json"
