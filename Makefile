@@ -111,7 +111,8 @@ clean:
 
 # Peers (docs/peers.md). Each in its own virtual environment, built on demand, never by `make test`.
 PEER_PYTHON ?= $(firstword $(foreach v,3.11 3.12,$(call runnable,python$(v))))
-# llama.cpp through llama-cpp-python: an sdist compiled here (about 9 minutes on 2 cores), niced.
+# llama.cpp through llama-cpp-python: an sdist compiled here with -march=native (about 9 minutes
+# on 2 idle cores, 26 with other work on them), niced.
 LLAMACPP_VENV := .venv-llamacpp
 LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed-llama-cpp-python-0.3.36
 
@@ -126,7 +127,8 @@ $(LLAMACPP_STAMP):
 llamacpp-venv: $(LLAMACPP_STAMP)
 
 # llama.cpp F32 and Q8_0 against our onnxruntime fp32 and int8, single stream, one run (after
-# notebooks 01-02): logits checked first. ARGS="--rounds 3" to pass options.
+# notebooks 01-02): logits checked first. ARGS="--rounds 3" to pass options; where llama.cpp dies
+# of SIGILL (AMX that a virtual machine reports but does not run): ARGS=--no-extra-bufts.
 llamacpp-peer: venv $(LLAMACPP_STAMP)
 	$(BIN)/python benchmarks/llamacpp_peer.py $(ARGS)
 
