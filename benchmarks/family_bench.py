@@ -147,13 +147,16 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "# The GPT-2 family, measured",
         "",
         f"Written by `benchmarks/family_bench.py` ({meta['when']} UTC, {meta['machine']}; "
-        f"matvec bandwidth {meta['bandwidth_gbs']:.1f} GB/s). Offline stand-ins: each member's "
+        f"matvec bandwidth {meta['bandwidth_gbs']:.1f} GB/s in the latest run; each row's floor "
+        "uses its own run's figure). Offline stand-ins: each member's "
         "architecture with **random weights**, so sizes and speeds are the member's and the "
         "text is not. Tokens: notebook 02's greedy tokens against transformers' "
         "`generate(do_sample=False)` (fp32), and the served `generate` against the in-process "
         "fp32 loop. Server memory: every process of the local Triton once `ensemble_model`, "
         "`generate` and `generate_stream` have answered. Floors: the bytes a decode step reads "
-        "over the matvec bandwidth.",
+        "over the matvec bandwidth. Export figures are those of each member's own export "
+        "(`--reuse` keeps them: notebook 02's `export_stages` in the member's `state.json`); "
+        "the rest is measured in this run.",
         "",
         "| member | layers x heads x head | params | export s (trace / convert / assemble) "
         "| export peak GB | ONNX fp32 / int8 MB | zip MB | server GB | fp32 ms/token (floor) "
@@ -162,7 +165,8 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['member']} | {r['error']} |" + " |" * 9)
+            error = " ".join(r["error"].split()).replace("|", "/")
+            lines.append(f"| {r['member']} | {error} |" + " |" * 9)
             continue
         ex = r["export"]
         secs = " / ".join(f"{ex[k]['s']:.0f}" for k in ("trace", "convert", "assemble"))
@@ -211,6 +215,12 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table(rows, meta))
     print(f"wrote {args.out} and {results_path}")
+
+
+def rewrite_table(results: Path, out: Path) -> None:
+    """Rewrite the Markdown table from a results file, measuring nothing."""
+    data = json.loads(results.read_text())
+    out.write_text(table(data["rows"], data["meta"]))
 
 
 if __name__ == "__main__":
