@@ -78,9 +78,13 @@ class MixingRunner:
         return logits, present
 
 
-def run_jobs(module, runner, jobs, max_batch, context=64, fits=lambda rows, tokens: True):
+def run_jobs(
+    module, runner, jobs, max_batch, context=64, fits=lambda rows, tokens: True, chunk=0
+):
     """Submit every job at once; return each job's tokens (or its error) once all finish."""
-    engine = module.Engine(runner, [1, 2, 1, 1, 0, 1], EOS, context, max_batch, 0.0, fits)
+    engine = module.Engine(
+        runner, [1, 2, 1, 1, 0, 1], EOS, context, max_batch, 0.0, fits, prefill_chunk=chunk
+    )
     done = threading.Event()
     results = {}
 
@@ -188,6 +192,8 @@ def test_the_counters_count_steps_rows_and_mixed_steps(module):
         "rows": 29 + 9,
         "mixed_steps": 9,
         "prefills": 2,
+        "prefill_calls": 2,  # prefill_chunk 0 (off): each prompt alone
+        "prefill_chunks": 0,
         "cancelled": 0,
     }
     assert runner.rows_per_step == [1, 1] + [2] * 9 + [1] * 20  # 2 prefills, then decode steps
@@ -253,6 +259,153 @@ def test_stopping_answers_every_request_in_flight_or_queued(module):
     late = []
     engine.submit(module.Job([1], 5, lambda t: None, late.append))
     assert len(late) == 1 and isinstance(late[0], module.Unloading)
+
+
+# --- prefill: short prompts taken together in one call, long ones a chunk per turn ---
+
+
+class CallLog(MixingRunner):
+    """MixingRunner that also notes each call as (rows, new tokens, past length)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = []
+
+    def run(self, ids, mask, past):
+        self.calls.append((ids.shape[0], ids.shape[1], past.shape[4]))
+        return super().run(ids, mask, past)
+
+
+@pytest.mark.parametrize(("seed", "chunk"), [(s, c) for s in range(4) for c in (3, 8, 64)])
+def test_chunked_and_batched_prefill_give_each_row_what_it_gets_alone(module, seed, chunk):
+    """Prompts of 1 to 40 tokens and one that reaches the context end, all arriving together:
+    with a chunk of 3 or 8 most are prefilled in chunks (interleaved with decode steps), the
+    rest in one call per turn; every row still makes the tokens it makes alone."""
+    jobs = mixed_jobs(seed)
+    alone = run_jobs(module, MixingRunner(), jobs, max_batch=1)
+    runner = CallLog()
+    got = run_jobs(module, runner, jobs, max_batch=4, chunk=chunk)
+    assert got == alone
+    chunks = [c for c in runner.calls if c[1] > 1 and c[2] > 0]  # a prompt's later chunk
+    if chunk < 64:
+        assert chunks and all(new <= chunk and rows == 1 for rows, new, _ in chunks)
+    else:  # no prompt is longer than a chunk: the first four share the first call
+        assert not chunks and runner.calls[0][0] == 4 and runner.calls[0][2] == 0
+    assert 2 <= max(rows for rows, new, _ in runner.calls if new == 1) <= 4  # decode batch
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(module):
+    """A 20-token prompt (chunk 4: 5 chunks) next to two rows decoding: one chunk per turn,
+    each followed by a decode step of the rows in flight, and the counters say so."""
+    runner = CallLog()
+    deltas = []
+    engine = module.Engine(
+        runner, [1, 2, 1, 1, 0, 1], EOS, 64, 8, 0.0, lambda r, t: True, deltas.append, 4
+    )
+    jobs = [([5, 6, 7], 30), ([4, 5], 30), (list(range(30, 50)), 10)]  # no end of text
+    results, done = {}, threading.Event()
+
+    def job(i, prompt, max_new):
+        tokens = []
+
+        def finish(error):
+            results[i] = error or tokens
+            if len(results) == len(jobs):
+                done.set()
+
+        return module.Job(prompt, max_new, tokens.append, finish)
+
+    for i, (prompt, max_new) in enumerate(jobs):
+        engine.submit(job(i, prompt, max_new))
+    engine.start()
+    try:
+        assert done.wait(timeout=30)
+    finally:
+        engine.stop()
+    assert [results[i] for i in range(3)] == run_jobs(module, MixingRunner(), jobs, 1)
+    assert runner.calls[:3] == [
+        (2, 3, 0),  # the two short prompts, one call (the shorter padded on the left)
+        (1, 4, 0),  # the long prompt's first chunk, with an empty cache
+        (2, 1, 3),  # a decode step of the two short rows
+    ]
+    assert runner.calls[3:10] == [(1, 4, 4), (2, 1, 4), (1, 4, 8), (2, 1, 5)] + [
+        (1, 4, 12),
+        (2, 1, 6),
+        (1, 4, 16),  # the last chunk: its first token; the row joins the batch
+    ]
+    assert runner.calls[10] == (3, 1, 20)  # three rows decode (padded to the longest)
+    order = [key for d in deltas for key in ("prefill_chunks", "steps") if d.get(key)]
+    first, last = order.index("prefill_chunks"), len(order) - order[::-1].index("prefill_chunks")
+    assert order[first:last].count("steps") == 4  # a decode step after each chunk but the last
+    assert engine.counters["prefill_chunks"] == 5 and engine.counters["prefill_calls"] == 1
+    assert engine.counters["prefills"] == 3
+
+
+def test_a_request_cancelled_mid_prefill_leaves_before_its_next_chunk(module):
+    """Cancelled after its second chunk: no third chunk, no token, an error that says so; the
+    row decoding next to it keeps its tokens."""
+    runner = CallLog()
+    engine = module.Engine(
+        runner, [1, 2, 1, 1, 0, 1], EOS, 64, 8, 0.0, lambda r, t: True, prefill_chunk=4
+    )
+    results, done = {}, threading.Event()
+    tokens = {"gone": [], "stays": []}
+
+    def finish(name):
+        def f(error):
+            assert name not in results, "finished twice"
+            results[name] = error
+            if len(results) == 2:
+                done.set()
+
+        return f
+
+    gone = module.Job(list(range(30, 50)), 10, tokens["gone"].append, finish("gone"))
+    gone.cancelled = lambda: engine.counters["prefill_chunks"] >= 2
+    engine.submit(module.Job([20, 21, 22], 30, tokens["stays"].append, finish("stays")))
+    engine.submit(gone)
+    engine.start()
+    try:
+        assert done.wait(timeout=30)
+    finally:
+        engine.stop()
+    assert isinstance(results["gone"], module.Cancelled) and tokens["gone"] == []
+    assert results["stays"] is None
+    assert tokens["stays"] == run_jobs(module, MixingRunner(), [([20, 21, 22], 30)], 1)[0]
+    assert engine.counters["prefill_chunks"] == 2 and engine.counters["cancelled"] == 1
+    assert engine.counters["prefills"] == 1  # the short one; the cancelled one never finished
+    assert [c for c in runner.calls if c[0] == 1 and c[1] == 4] == [(1, 4, 0), (1, 4, 4)]
+
+
+def test_stopping_answers_requests_being_prefilled_in_chunks(module):
+    """Unloading while a long prompt is half prefilled and another waits for its chunks:
+    each gets an error, none is left without an answer."""
+
+    class SlowRunner(MixingRunner):
+        def run(self, ids, mask, past):
+            started.set()
+            release.wait(timeout=30)
+            return super().run(ids, mask, past)
+
+    started, release = threading.Event(), threading.Event()
+    engine = module.Engine(
+        SlowRunner(), [1, 2, 1, 1, 0, 1], EOS, 64, 4, 0.0, lambda r, t: True, prefill_chunk=4
+    )
+    answers = []
+    jobs = [module.Job(list(range(10, 30)), 50, lambda t: None, answers.append)]
+    jobs += [module.Job(list(range(40 + i, 60)), 50, lambda t: None, answers.append) for i in (0, 1)]
+    jobs += [module.Job([5], 50, lambda t: None, answers.append) for _ in range(3)]
+    for job in jobs:
+        engine.submit(job)
+    engine.start()
+    assert started.wait(timeout=30)  # the first chunk is running; others wait their turn
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    release.set()
+    stopper.join(timeout=60)
+    assert not engine.thread.is_alive()
+    assert len(answers) == 6
+    assert all(isinstance(a, module.Unloading) for a in answers), answers
 
 
 # --- the session: made at load, on the device asked for, never a silent CPU fallback ---

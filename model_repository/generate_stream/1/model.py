@@ -301,6 +301,9 @@ class Job:
         self.last = None
         self.done = False
         self.error = None
+        self.filled = 0  # prompt tokens in its own cache (a prefill in chunks)
+        self.past = None  # that cache, until the row joins the batch
+        self.held = ()  # what the runner needs kept alive for ``past`` (SessionRunner.keep)
 
     def planned(self, context):
         return min(len(self.prompt) + self.max_new, context)
@@ -320,6 +323,8 @@ COUNTERS = {
     "rows": "rows over all decode steps (tokens made by decode steps)",
     "mixed_steps": "decode steps holding both a streaming and a non-streaming request",
     "prefills": "prompts prefilled",
+    "prefill_calls": "calls that prefilled whole prompts (prompts taken together share one)",
+    "prefill_chunks": "chunks of prompts longer than prefill_chunk (one per engine turn)",
     "cancelled": "requests that left the batch because their client cancelled them",
 }
 
@@ -329,12 +334,24 @@ class Engine:
 
     ``max_batch`` rows at most (1 means one request at a time, in arrival order: the
     `inflight_batching` "off" switch); an idle engine waits up to ``join_wait_s`` for more
-    requests before its first step. ``counters`` counts what it does (COUNTERS);
-    ``publish(deltas)`` is called after each step with what changed.
+    requests before its first step. ``prefill_chunk`` (0: off) is the most prompt tokens one
+    turn prefills for a long prompt: a longer prompt is prefilled a chunk per turn, between the
+    batch's decode steps, and the prompts taken together that are no longer than a chunk share
+    one prefill call. ``counters`` counts what it does (COUNTERS); ``publish(deltas)`` is
+    called after each step with what changed.
     """
 
     def __init__(
-        self, runner, past_shape, eos, context, max_batch, join_wait_s, fits, publish=None
+        self,
+        runner,
+        past_shape,
+        eos,
+        context,
+        max_batch,
+        join_wait_s,
+        fits,
+        publish=None,
+        prefill_chunk=0,
     ):
         self.runner = runner
         self.past_shape = past_shape
@@ -344,12 +361,15 @@ class Engine:
         self.join_wait_s = join_wait_s
         self.fits = fits  # fits(rows, tokens): may a batch of rows x tokens run now?
         self.publish = publish or (lambda deltas: None)
+        self.prefill_chunk = max(0, int(prefill_chunk))
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.pending = queue.Queue()
         self.waiting = []  # taken from the queue, not yet admitted (did not fit)
+        self.prefilling = []  # admitted, prompt longer than a chunk: prefilled a chunk per turn
         self.active = []
         self.cache = None
         self.mask = None
+        self.held = ()  # what the runner needs kept alive for ``cache`` (SessionRunner.keep)
         self.stopping = False
         self.unanswered = 0  # requests answered with an error when the engine stopped
         self.thread = threading.Thread(target=self.loop, name="generate-engine", daemon=True)
@@ -382,8 +402,9 @@ class Engine:
     # -- the loop --
 
     def take(self, block):
-        """Requests to admit before the next step (at most max_batch in all)."""
-        free = self.max_batch - len(self.active)
+        """Requests to admit before the next step (at most max_batch in all, counting the rows
+        being prefilled in chunks)."""
+        free = self.max_batch - len(self.active) - len(self.prefilling)
         taken, deadline = [], None
         while len(taken) < free:
             if self.waiting:
@@ -410,10 +431,11 @@ class Engine:
                 self.turn()
             except Exception as exc:  # never lose the thread: fail what is in flight, go on
                 pb_utils.Logger.log_error(f"generate engine: {exc!r}")
-                for job in self.active:
+                for job in self.active + self.prefilling:
                     job.finish(exc)
-                self.active, self.cache, self.mask = [], None, None
-        left = self.active + self.waiting
+                self.active, self.prefilling, self.cache, self.mask = [], [], None, None
+                self.held = ()
+        left = self.active + self.prefilling + self.waiting
         while True:  # and what is still queued: every request gets an answer
             try:
                 job = self.pending.get_nowait()
@@ -421,14 +443,16 @@ class Engine:
                 break
             if job is not None:
                 left.append(job)
-        self.active, self.waiting = [], []
+        self.active, self.prefilling, self.waiting = [], [], []
         self.unanswered = len(left)
         for job in left:
             job.finish(Unloading("the model is being unloaded: send the request again"))
 
     def turn(self):
-        """Admit what waits (prefill each), then one decode step for the batch."""
-        for job in self.take(block=not self.active):
+        """Admit what waits; prefill the short prompts taken (one call) and one chunk of the
+        oldest long prompt; then one decode step for the batch."""
+        short = []
+        for job in self.take(block=not self.active and not self.prefilling):
             if self.stopping:
                 self.waiting.append(job)  # answered by loop() on its way out
                 continue
@@ -436,12 +460,21 @@ class Engine:
                 job.finish(Cancelled("the client cancelled the request"))
                 self.count({"cancelled": 1})
                 continue
-            rows = len(self.active) + 1
-            longest = max(j.planned(self.context) for j in [job, *self.active])
-            if self.active and not self.fits(rows, longest):
+            admitted = [*self.active, *self.prefilling, *short]
+            longest = max(j.planned(self.context) for j in [job, *admitted])
+            if admitted and not self.fits(len(admitted) + 1, longest):
                 self.waiting.append(job)  # joins when rows have left
                 continue
-            self.prefill(job)
+            if self.prefill_chunk and len(job.prompt) > self.prefill_chunk:
+                self.prefilling.append(job)
+            elif self.prefill_chunk:
+                short.append(job)
+            else:  # chunking off: each prompt alone, whole
+                self.prefill([job])
+        if short:
+            self.prefill(short)
+        if self.prefilling:
+            self.prefill_next_chunk()
         self.drop_cancelled()
         if self.active:
             self.decode()
@@ -465,38 +498,97 @@ class Engine:
         self.count({"cancelled": len(gone)})
         self.remove_finished()
 
-    def prefill(self, job):
-        """The prompt alone, with an empty cache; then the row joins the batch."""
+    def empty_past(self, rows):
         shape = list(self.past_shape)
-        shape[2], shape[4] = 1, 0
+        shape[2], shape[4] = rows, 0
+        return np.zeros(shape, np.float32)
+
+    def prefill(self, jobs):
+        """Whole prompts with an empty cache, in one call: each row padded on the left (mask
+        0, so it keeps its own positions) to the longest prompt; then the rows join the
+        batch."""
+        width = max(len(job.prompt) for job in jobs)
+        ids = np.zeros((len(jobs), width), dtype=np.int32)
+        mask = np.zeros((len(jobs), width), dtype=np.int32)
+        for i, job in enumerate(jobs):
+            ids[i, width - len(job.prompt) :] = job.prompt
+            mask[i, width - len(job.prompt) :] = 1
         try:
-            ids = np.asarray([job.prompt], dtype=np.int32)
-            mask = np.ones((1, len(job.prompt)), dtype=np.int32)
-            logits, present = self.runner.run(ids, mask, np.zeros(shape, np.float32))
-            self.advance(job, int(np.argmax(logits[0])))
+            logits, present = self.runner.run(ids, mask, self.empty_past(len(jobs)))
         except Exception as exc:
+            for job in jobs:
+                job.finish(exc)
+            return
+        self.count({"prefills": len(jobs), "prefill_calls": 1})
+        for i, job in enumerate(jobs):
+            self.advance(job, int(np.argmax(logits[i])))
+        self.join(jobs, present, mask, tuple(getattr(self.runner, "keep", ())))
+
+    def prefill_next_chunk(self):
+        """The next chunk of the oldest prompt longer than a chunk, with that prompt's own
+        cache as past (mask of 1s over prefix and chunk); after the last chunk its row joins
+        the batch, its first token from that chunk's logits."""
+        job = self.prefilling[0]
+        if job.cancelled is not None and job.cancelled():
+            self.prefilling.pop(0)
+            job.finish(Cancelled("the client cancelled the request"))
+            self.count({"cancelled": 1})
+            return
+        end = min(job.filled + self.prefill_chunk, len(job.prompt))
+        ids = np.asarray([job.prompt[job.filled : end]], dtype=np.int32)
+        mask = np.ones((1, end), dtype=np.int32)
+        past = self.empty_past(1) if job.past is None else job.past
+        try:
+            logits, present = self.runner.run(ids, mask, past)
+        except Exception as exc:
+            self.prefilling.pop(0)
+            job.past = job.held = None
             job.finish(exc)
             return
-        self.count({"prefills": 1})
-        if job.done:
-            job.finish(job.error)
+        self.count({"prefill_chunks": 1})
+        job.filled, job.past = end, present
+        job.held = tuple(getattr(self.runner, "keep", ()))
+        if end < len(job.prompt):
             return
+        self.prefilling.pop(0)
+        job.past = None
+        self.count({"prefills": 1})
+        self.advance(job, int(np.argmax(logits[0])))
+        held, job.held = job.held, ()
+        self.join([job], present, mask, held)
+
+    def join(self, jobs, present, mask, held):
+        """Rows prefilled (their cache ``present``, their ``mask``) join the batch; those
+        already done (one token asked, end of text) are answered instead."""
+        keep = [i for i, job in enumerate(jobs) if not job.done]
+        for job in jobs:
+            if job.done:
+                job.finish(job.error)
+        if not keep:
+            return
+        jobs = [jobs[i] for i in keep]
+        if len(keep) < len(mask):  # drop the rows done, and the columns only they used
+            mask = mask[keep]
+            first = int(np.argmax(mask.any(axis=0)))
+            present = self.runner.numpy(present)[:, :, keep, :, first:]
+            mask = mask[:, first:]
         if not self.active:
-            self.active, self.cache, self.mask = [job], present, mask
+            self.active, self.cache, self.mask, self.held = jobs, present, mask, held
             return
         # Pad the shorter side on the left (mask 0) to a common length, then stack the rows.
         batch = self.runner.numpy(self.cache)
-        row = self.runner.numpy(present)
-        gap = batch.shape[4] - row.shape[4]
+        rows = self.runner.numpy(present)
+        gap = batch.shape[4] - rows.shape[4]
         if gap > 0:
-            row = np.pad(row, [(0, 0)] * 4 + [(gap, 0), (0, 0)])
+            rows = np.pad(rows, [(0, 0)] * 4 + [(gap, 0), (0, 0)])
             mask = np.pad(mask, [(0, 0), (gap, 0)])
         elif gap < 0:
             batch = np.pad(batch, [(0, 0)] * 4 + [(-gap, 0), (0, 0)])
             self.mask = np.pad(self.mask, [(0, 0), (-gap, 0)])
-        self.cache = np.concatenate([batch, row], axis=2)
+        self.cache = np.concatenate([batch, rows], axis=2)
         self.mask = np.concatenate([self.mask, mask], axis=0)
-        self.active.append(job)
+        self.held = ()
+        self.active.extend(jobs)
 
     def decode(self):
         """One step for every row: each row's last token in, each row's next token out."""
@@ -507,12 +599,13 @@ class Engine:
         except Exception as exc:  # every row of the failed step gets the error
             for job in self.active:
                 job.finish(exc)
-            self.active, self.cache, self.mask = [], None, None
+            self.active, self.cache, self.mask, self.held = [], None, None, ()
             return
         for i, job in enumerate(self.active):
             job.length += 1
             self.advance(job, int(np.argmax(logits[i])))
         self.cache, self.mask = present, mask
+        self.held = tuple(getattr(self.runner, "keep", ()))
         kinds = {job.stream for job in self.active}
         self.count({"steps": 1, "rows": len(self.active), "mixed_steps": int(len(kinds) == 2)})
         self.remove_finished()
@@ -626,6 +719,11 @@ class TritonPythonModel:
             )
         max_batch = int(params.get("max_batch", "8")) if batching == "on" else 1
         wait_s = float(params.get("max_join_wait_ms", "0")) / 1000.0
+        chunk = int(params.get("prefill_chunk", "0"))
+        if chunk < 0:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: prefill_chunk must be 0 (off) or a number of tokens, got {chunk}"
+            )
         self.metrics = Metrics(self.name)
         self.engine = Engine(
             self.runner,
@@ -636,10 +734,12 @@ class TritonPythonModel:
             wait_s,
             self.fits,
             self.metrics.publish,
+            prefill_chunk=chunk,
         ).start()
         pb_utils.Logger.log_info(
             f"{self.name}: step_runner {runner}, inflight_batching {batching} "
-            f"(at most {max(1, max_batch)} requests per step, join wait {wait_s * 1e3:g} ms)"
+            f"(at most {max(1, max_batch)} requests per step, join wait {wait_s * 1e3:g} ms), "
+            f"prefill_chunk {chunk or 'off'}"
         )
 
     def finalize(self):
