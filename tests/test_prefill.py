@@ -1,0 +1,175 @@
+"""Chunked and batched prefill on the real step model: the engine of
+model_repository/generate_stream/1/model.py run in-process (as tests/test_generate_engine.py
+runs it) on the tiny GPT-2's ``gpt2_with_past.onnx`` in an onnxruntime session, the way the
+server runs it. Every request's tokens must equal transformers' ``generate(do_sample=False)``
+on the same weights, for the request alone.
+
+Chunks of 8 tokens on the tiny model: a 30-token prompt is prefilled in 4 calls, each with the
+request's own cache as past, between the decode steps of the rows already in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.test_generate_engine import load_model_module
+from tutorial.client import reference_generate
+
+pytestmark = pytest.mark.slow
+
+CHUNK = 8
+
+
+@pytest.fixture(scope="module")
+def step(tiny_workdir):
+    """The engine's module and a factory of engines on the tiny model's step model."""
+    from tutorial.repository import load_config
+
+    module = load_model_module()
+    folder = tiny_workdir / "model_repository" / "generate_stream"
+    params = {k: v.string_value for k, v in load_config(folder / "config.pbtxt").parameters.items()}
+    shape = [int(d) for d in params["empty_past_shape"].split(",")]
+    runner = module.SessionRunner(folder / "1" / "gpt2_with_past.onnx", 1, "cpu")
+    runner.open(gpu_present=False)
+
+    def engine(chunk, max_batch=8, publish=None):
+        return module.Engine(
+            runner, shape, 50256, 1024, max_batch, 0.0, lambda r, t: True, publish, chunk
+        )
+
+    return module, engine
+
+
+class Collect:
+    """Jobs whose tokens and final answers are kept; ``wait`` until all are answered."""
+
+    def __init__(self, module):
+        self.module = module
+        self.tokens, self.answers = {}, {}
+        self.done = threading.Event()
+        self.expected = 0
+
+    def job(self, name, ids, max_new, cancelled=None):
+        self.expected += 1
+        self.tokens[name] = []
+
+        def finish(error):
+            assert name not in self.answers, f"{name} answered twice"
+            self.answers[name] = error
+            if len(self.answers) == self.expected:
+                self.done.set()
+
+        job = self.module.Job(ids, max_new, self.tokens[name].append, finish)
+        job.cancelled = cancelled
+        return job
+
+    def wait(self, engine, timeout=120):
+        try:
+            assert self.done.wait(timeout), f"answered: {sorted(self.answers)}"
+        finally:
+            engine.stop()
+        assert not engine.thread.is_alive()
+
+
+def prompt_of(tok, tokens: int) -> str:
+    """A text of exactly ``tokens`` tokens."""
+    text = " ".join(["Once upon a time, a dog barked at the moon."] * (tokens // 4 + 2))
+    ids = tok(text)["input_ids"][:tokens]
+    text = tok.decode(ids)
+    assert len(tok(text)["input_ids"]) == tokens
+    return text
+
+
+def test_prompts_of_mixed_lengths_arriving_together(step, tiny_reference):
+    """Eight prompts of 1 to 30 tokens arrive together (chunk 8): the four of at most 8 tokens
+    share one prefill call (left-padded), the four longer ones are prefilled a chunk per turn
+    between decode steps; each gets transformers' tokens alone."""
+    module, make = step
+    tf_model, tok = tiny_reference
+    lengths = [1, 5, 8, 3, 9, 17, 30, 24]
+    prompts = [(prompt_of(tok, n), 6 + 3 * i) for i, n in enumerate(lengths)]
+    expected = [reference_generate(tf_model, tok, p, n) for p, n in prompts]
+    engine, jobs = make(CHUNK), Collect(module)
+    for i, (prompt, max_new) in enumerate(prompts):
+        engine.submit(jobs.job(i, tok(prompt)["input_ids"], max_new))
+    engine.start()
+    jobs.wait(engine)
+    assert [jobs.tokens[i] for i in range(8)] == expected
+    assert all(jobs.answers[i] is None for i in range(8))
+    counters = engine.counters
+    assert counters["prefill_calls"] == 1  # the four short prompts, one call
+    assert counters["prefill_chunks"] == 2 + 3 + 4 + 3  # 9, 17, 30 and 24 tokens in 8s
+    assert counters["prefills"] == 8
+
+
+def test_a_long_prompt_arriving_while_others_decode(step, tiny_reference):
+    """Three requests decode; a 100-token prompt arrives (13 chunks of 8): the decoders keep
+    transformers' tokens, the long one gets its own, and the counters show decode steps
+    between its first and last chunk (the chunks did not stall the decoders)."""
+    module, make = step
+    tf_model, tok = tiny_reference
+    decoders = [(prompt_of(tok, n), 60) for n in (4, 7, 8)]  # one prefill call each
+    long = (prompt_of(tok, 100), 10)
+    expected = [reference_generate(tf_model, tok, p, n) for p, n in [*decoders, long]]
+    deltas: list[dict] = []
+    engine, jobs = make(CHUNK, publish=deltas.append), Collect(module)
+    engine.start()
+    for i, (prompt, max_new) in enumerate(decoders):
+        engine.submit(jobs.job(i, tok(prompt)["input_ids"], max_new))
+    deadline = time.monotonic() + 60
+    while min(len(jobs.tokens[i]) for i in range(3)) < 5:  # all three are decoding
+        assert time.monotonic() < deadline, "the decoders did not start"
+        time.sleep(0.001)
+    engine.submit(jobs.job("long", tok(long[0])["input_ids"], long[1]))
+    jobs.wait(engine)
+    assert [jobs.tokens[i] for i in range(3)] + [jobs.tokens["long"]] == expected
+    assert len(jobs.tokens[0]) == 60  # the decoders outlived the long prompt's prefill
+    order = [key for d in deltas for key in ("prefill_chunks", "steps") if d.get(key)]
+    assert order.count("prefill_chunks") == 13
+    first, last = order.index("prefill_chunks"), len(order) - order[::-1].index("prefill_chunks")
+    assert order[first:last].count("steps") == 12  # one decode step after each chunk but the last
+
+
+def test_a_prompt_that_reaches_the_context_end(step, tiny_reference):
+    """A 1020-token prompt in chunks of 64 (16 chunks) next to a short request: 4 tokens fill
+    the 1024 context and a 5th is predicted from it, as transformers does."""
+    module, make = step
+    tf_model, tok = tiny_reference
+    prompt = " hello" * 1020
+    ids = tok(prompt)["input_ids"]
+    assert len(ids) == 1020
+    short = prompt_of(tok, 6)
+    engine, jobs = make(64), Collect(module)
+    engine.submit(jobs.job("long", ids, 50))
+    engine.submit(jobs.job("short", tok(short)["input_ids"], 30))
+    engine.start()
+    jobs.wait(engine, timeout=300)
+    assert jobs.tokens["long"] == reference_generate(tf_model, tok, prompt, 5)
+    assert jobs.tokens["short"] == reference_generate(tf_model, tok, short, 30)
+    assert engine.counters["prefill_chunks"] == 16
+
+
+def test_a_request_cancelled_mid_prefill(step, tiny_reference):
+    """Cancelled after 3 of its 13 chunks: it leaves with CANCELLED and no token, and is never
+    prefilled further; the request decoding beside it keeps transformers' tokens."""
+    module, make = step
+    tf_model, tok = tiny_reference
+    short, long = prompt_of(tok, 5), prompt_of(tok, 100)
+    engine, jobs = make(CHUNK), Collect(module)
+    engine.submit(jobs.job("short", tok(short)["input_ids"], 30))
+    engine.submit(
+        jobs.job(
+            "gone",
+            tok(long)["input_ids"],
+            20,
+            cancelled=lambda: engine.counters["prefill_chunks"] >= 3,
+        )
+    )
+    engine.start()
+    jobs.wait(engine)
+    assert isinstance(jobs.answers["gone"], module.Cancelled) and jobs.tokens["gone"] == []
+    assert jobs.tokens["short"] == reference_generate(tf_model, tok, short, 30)
+    assert engine.counters["prefill_chunks"] == 3 and engine.counters["cancelled"] == 1
