@@ -333,7 +333,15 @@ def test_streaming_and_non_streaming_requests_share_one_engine_step(triton_serve
 
     tf_model, tok = tiny_reference
     before = engine_counters(triton_server.metrics_url)
-    assert set(before) == {"steps", "rows", "mixed_steps", "prefills", "cancelled"}
+    assert set(before) == {
+        "steps",
+        "rows",
+        "mixed_steps",
+        "prefills",
+        "prefill_calls",
+        "prefill_chunks",
+        "cancelled",
+    }
     events = stream_generate(triton_server.url, "Hello world", 300)
     _, streamed = next(events)  # the stream is in flight: its first token has come
     ids = generated_ids(generate(triton_server, PROMPT, 20))
@@ -347,6 +355,32 @@ def test_streaming_and_non_streaming_requests_share_one_engine_step(triton_serve
     # steps of the stream's batch: one engine, one batch
     assert delta["mixed_steps"] == 19
     assert delta["rows"] == 299 + 19 and delta["steps"] == 299
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_a_stream(triton_server, tiny_reference):
+    """Chunked prefill as shipped (the committed prefill_chunk): a 1015-token prompt sent to
+    `generate` while a stream decodes is prefilled in chunks, then joins the stream's decode
+    steps; both get transformers' tokens exactly."""
+    from tutorial.client import engine_counters, stream_generate
+    from tutorial.common import REPO_ROOT
+    from tutorial.repository import load_config
+
+    config = load_config(REPO_ROOT / "model_repository/generate_stream/config.pbtxt")
+    chunk = int(config.parameters["prefill_chunk"].string_value)
+    assert 0 < chunk < 1015
+    tf_model, tok = tiny_reference
+    long = " hello" * 1015
+    before = engine_counters(triton_server.metrics_url)
+    events = stream_generate(triton_server.url, "Hello world", 200)
+    _, streamed = next(events)  # the stream is in flight
+    ids = generated_ids(generate(triton_server, long, 9))  # 1015 + 9 = the context
+    streamed += [i for _, piece in events for i in piece]
+    delta = counter_deltas(triton_server, before)
+    assert ids == reference_generate(tf_model, tok, long, 9)
+    assert streamed == reference_generate(tf_model, tok, "Hello world", 200)
+    assert delta["prefill_chunks"] == -(-1015 // chunk)
+    assert delta["prefills"] == 2 and delta["prefill_calls"] == 1  # the stream's short prompt
+    assert delta["mixed_steps"] == 8  # the long request's 8 decode steps, all in the batch
 
 
 def grpc_text_inputs(text, max_new_tokens):

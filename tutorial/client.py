@@ -162,7 +162,8 @@ def engine_counters(metrics_url: str, model: str = "generate_stream") -> dict[st
     """The generation engine's own counters, read from Triton's Prometheus metrics
     (``generate_engine_<name>_total{model="generate_stream"}``): decode ``steps``, ``rows``,
     ``mixed_steps`` (streaming and non-streaming requests in one step), ``prefills``,
-    ``cancelled``."""
+    ``prefill_calls`` (calls that prefilled whole prompts), ``prefill_chunks`` (chunks of long
+    prompts), ``cancelled``."""
     import re
 
     import requests
