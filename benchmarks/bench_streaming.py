@@ -1,19 +1,27 @@
 """Time to first token, inter-token latency and tokens/s through ``generate_stream``, per
-number of clients, and what a long prompt does to the clients already decoding.
+number of clients; what a long prompt does to the clients already decoding, with chunked
+prefill off and on; and a ``max_batch`` sweep.
 
     python benchmarks/bench_streaming.py            # after notebooks 01-03 (make run)
     python benchmarks/bench_streaming.py --levels 1 8 --requests 2 --new-tokens 50
+    python benchmarks/bench_streaming.py --skip-levels --skip-sweep --long-chunks 0 128 256
 
 It serves the artifact notebook 03 packed (the zip unpacked read-only, the bundled Triton, as
 the tests do) and streams over HTTP (``/v2/models/generate_stream/generate_stream``), the way a
 chat client does. Definitions (TTFT, ITL as gaps and as per-request TPOT): :mod:`tutorial.streaming`.
+Each setting below is a copy of the zip with the engine's parameters set
+(:func:`tutorial.repository.artifact_with_parameters`) on a server of its own, started and
+stopped here, one at a time.
 
-1. Levels: ``N`` clients, each sending ``--requests`` requests one after another, a
-   ``--prompt-tokens``-token prompt and ``--new-tokens`` new tokens each.
-2. Long prompt: 7 clients decode ``--long-decode`` tokens; ``--long-after`` seconds in, one
-   request with a ``--long-prompt``-token prompt arrives. Reported: the decoders' ITL p50 and
-   p99 with it, and without it in a run just before (same clients, same tokens), and the ratio
-   p99 with / p50 without.
+1. Levels (the artifact as committed): ``N`` clients, each sending ``--requests`` requests one
+   after another, a ``--prompt-tokens``-token prompt and ``--new-tokens`` new tokens each.
+2. Long prompt, per ``--long-chunks`` value of ``prefill_chunk`` (0: chunked prefill off):
+   7 clients decode ``--long-decode`` tokens; ``--long-after`` seconds in, one request with a
+   ``--long-prompt``-token prompt arrives. Reported: the decoders' ITL p50/p95/p99 with it, and
+   without it in a run just before (same server, clients and tokens), and the long request's
+   TTFT.
+3. ``max_batch`` sweep: per ``--sweep-max-batch`` value, ``--sweep-clients`` clients as in 1;
+   tokens/s, TTFT p50 and ITL p50.
 
 Prints the tables and writes ``results/bench_streaming.json`` in the work folder. Every token
 stream is checked against the same prompt's tokens at one client before any time is reported.
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -57,9 +66,54 @@ def levels_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def long_table(rows: list[dict], long_tokens: int) -> str:
+    lines = [
+        f"| prefill_chunk | decoders' ITL without the {long_tokens}-token prompt p50 / p95 / "
+        "p99 ms | with it p50 / p95 / p99 ms | p99 with / p50 without | its TTFT ms |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base, hit = r["without"]["decoders"]["itl_ms"], r["with"]["decoders"]["itl_ms"]
+        lines.append(
+            f"| {r['prefill_chunk'] or 'off (0)'} | {fmt(base['p50'])} / {fmt(base['p95'])} / "
+            f"{fmt(base['p99'])} | {fmt(hit['p50'])} / {fmt(hit['p95'])} / {fmt(hit['p99'])} "
+            f"| {r['ratio']:.1f}x | {fmt(r['with']['long_prompt_ttft_ms'])} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_table(rows: list[dict]) -> str:
+    lines = [
+        "| max_batch | clients | requests | tokens/s | TTFT p50 ms | ITL (gaps) p50 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(
+            f"| {r['max_batch']} | {r['clients']} | {m['requests']} | "
+            f"{m['tokens_per_s']:.1f} | {fmt(m['ttft_ms']['p50'])} | {fmt(m['itl_ms']['p50'])} |"
+        )
+    return "\n".join(lines)
+
+
+def client_levels(url: str, prompt, args, levels: list[int], alone: list[int]) -> list[dict]:
+    """Each level: ``clients`` clients streaming ``--requests`` requests each; every stream
+    must equal ``alone`` (the prompt's tokens at one client)."""
+    rows = []
+    for clients in levels:
+        runs = run_clients(
+            lambda c, i: timed_stream(url, prompt.text, args.new_tokens), clients, args.requests
+        )
+        off = sum(r["tokens"] != alone for r in runs)
+        if off:
+            raise SystemExit(f"{off} streams at {clients} clients differ from one alone")
+        rows.append({"clients": clients, "metrics": latency_metrics(runs)})
+        print(f"  {clients} clients done", flush=True)
+    return rows
+
+
 def long_prompt_run(url: str, prompt, long_prompt, args, with_long: bool) -> dict:
     """7 decoders, and (``with_long``) one long prompt arriving ``--long-after`` s in."""
-    decoders: list[dict] = []
     long_result: dict = {}
 
     def long_call() -> None:
@@ -72,10 +126,36 @@ def long_prompt_run(url: str, prompt, long_prompt, args, with_long: bool) -> dic
     decoders = run_clients(lambda c, i: timed_stream(url, prompt.text, args.long_decode), 7, 1)
     if thread:
         thread.join()
-    out = {"decoders": latency_metrics(decoders)}
+    out = {"decoders": latency_metrics(decoders), "decoder_tokens": [d["tokens"] for d in decoders]}
     if long_result:
         out["long_prompt_ttft_ms"] = 1000 * (long_result["times"][0] - long_result["sent"])
+        out["long_prompt_tokens"] = long_result["tokens"]
+        if long_result["times"][0] > max(d["times"][-1] for d in decoders):
+            print("  NOTE: the long prompt's first token came after the decoders ended: "
+                  "raise --long-decode", flush=True)  # fmt: skip
     return out
+
+
+class Servers:
+    """The artifact with engine parameters set, served one setting at a time."""
+
+    def __init__(self, artifact: Path, folder: Path):
+        self.artifact, self.folder = artifact, folder
+
+    def serve(self, name: str, params: dict[str, str]):
+        from tutorial.repository import artifact_with_parameters
+        from tutorial.triton_local import serve_artifact
+
+        print(f"{name}: {params}: writing the artifact copy ...", flush=True)
+        copy = self.folder / "setting.zip"
+        copy.unlink(missing_ok=True)
+        if params:
+            artifact_with_parameters(self.artifact, copy, ["generate_stream"], params)
+        else:
+            copy = self.artifact
+        server = serve_artifact(copy, runtime="bundled")
+        print(f"  served in {server.started_s:.1f} s at {server.url}", flush=True)
+        return server
 
 
 def main() -> None:
@@ -87,10 +167,19 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=1000)
     parser.add_argument("--long-decode", type=int, default=150)
     parser.add_argument("--long-after", type=float, default=1.0)
+    parser.add_argument(
+        "--long-chunks",
+        type=int,
+        nargs="+",
+        default=[0, 128],
+        help="prefill_chunk values for the long-prompt runs (0: chunked prefill off)",
+    )
+    parser.add_argument("--sweep-max-batch", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--sweep-clients", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--skip-levels", action="store_true")
     parser.add_argument("--skip-long", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args()
-
-    from tutorial.triton_local import serve_artifact
 
     state = common.require_state("repository", "notebooks/03_model_repository.ipynb")
     make = PromptMaker.from_workdir()
@@ -98,42 +187,64 @@ def main() -> None:
     n_positions = int(common.load_state()["model"].get("n_positions") or 1024)
     long_prompt = make(min(args.long_prompt, n_positions - 2))
     print(f"model: {common.weights_label()}; artifact {state['artifact_zip']}", flush=True)
-    server = serve_artifact(Path(state["artifact_zip"]), runtime="bundled")
     summary: dict = {"args": vars(args), "machine": common.machine_metadata(), "levels": []}
-    try:
-        alone = timed_stream(server.url, prompt.text, args.new_tokens)["tokens"]
-        for clients in args.levels:
-            runs = run_clients(
-                lambda c, i: timed_stream(server.url, prompt.text, args.new_tokens),
-                clients,
-                args.requests,
-            )
-            off = sum(r["tokens"] != alone for r in runs)
-            if off:
-                raise SystemExit(f"{off} streams at {clients} clients differ from one alone")
-            summary["levels"].append({"clients": clients, "metrics": latency_metrics(runs)})
-            print(f"{clients} clients done", flush=True)
-        print(levels_table(summary["levels"]))
+    alone: list[int] | None = None
+    tables = []
+
+    with tempfile.TemporaryDirectory(prefix="bench-streaming-", dir=common.workdir()) as tmp:
+        servers = Servers(Path(state["artifact_zip"]), Path(tmp))
+        if not args.skip_levels:
+            server = servers.serve("levels", {})
+            try:
+                alone = timed_stream(server.url, prompt.text, args.new_tokens)["tokens"]
+                summary["levels"] = client_levels(server.url, prompt, args, args.levels, alone)
+            finally:
+                server.stop()
+            tables.append(levels_table(summary["levels"]))
+            print(tables[-1], flush=True)
         if not args.skip_long:
-            base = long_prompt_run(server.url, prompt, long_prompt, args, with_long=False)
-            hit = long_prompt_run(server.url, prompt, long_prompt, args, with_long=True)
-            ratio = hit["decoders"]["itl_ms"]["p99"] / base["decoders"]["itl_ms"]["p50"]
-            summary["long_prompt"] = {"without": base, "with": hit, "ratio": ratio}
-            print(
-                f"\n7 clients decoding {args.long_decode} tokens; a {long_prompt.tokens}-token "
-                f"prompt arriving {args.long_after:g} s in (TTFT "
-                f"{hit['long_prompt_ttft_ms']:,.0f} ms):\n"
-                f"  decoders' ITL without it: p50 {fmt(base['decoders']['itl_ms']['p50'])} ms, "
-                f"p99 {fmt(base['decoders']['itl_ms']['p99'])} ms\n"
-                f"  decoders' ITL with it:    p50 {fmt(hit['decoders']['itl_ms']['p50'])} ms, "
-                f"p99 {fmt(hit['decoders']['itl_ms']['p99'])} ms\n"
-                f"  p99 with / p50 without: {ratio:.1f}x"
+            rows = []
+            for chunk in args.long_chunks:
+                server = servers.serve("long prompt", {"prefill_chunk": str(chunk)})
+                try:
+                    base = long_prompt_run(server.url, prompt, long_prompt, args, False)
+                    hit = long_prompt_run(server.url, prompt, long_prompt, args, True)
+                finally:
+                    server.stop()
+                if hit["decoder_tokens"] != base["decoder_tokens"]:
+                    raise SystemExit(f"prefill_chunk {chunk}: the decoders' tokens changed")
+                ratio = hit["decoders"]["itl_ms"]["p99"] / base["decoders"]["itl_ms"]["p50"]
+                rows.append({"prefill_chunk": chunk, "without": base, "with": hit, "ratio": ratio})
+            firsts = {tuple(r["with"]["long_prompt_tokens"]) for r in rows}
+            if len(firsts) != 1:
+                raise SystemExit("the long prompt's first token differs between settings")
+            summary["long_prompt"] = {"prompt_tokens": long_prompt.tokens, "runs": rows}
+            tables.append(
+                f"7 clients decoding {args.long_decode} tokens; a {long_prompt.tokens}-token "
+                f"prompt arriving {args.long_after:g} s in:\n"
+                + long_table(rows, long_prompt.tokens)
             )
-    finally:
-        server.stop()
+            print(tables[-1], flush=True)
+        if not args.skip_sweep:
+            rows = []
+            for max_batch in args.sweep_max_batch:
+                server = servers.serve("max_batch sweep", {"max_batch": str(max_batch)})
+                try:
+                    first = timed_stream(server.url, prompt.text, args.new_tokens)["tokens"]
+                    if alone is not None and first != alone:
+                        raise SystemExit(f"max_batch {max_batch}: one client's tokens changed")
+                    levels = client_levels(server.url, prompt, args, args.sweep_clients, first)
+                finally:
+                    server.stop()
+                rows += [{"max_batch": max_batch, **level} for level in levels]
+            summary["max_batch_sweep"] = rows
+            tables.append(sweep_table(rows))
+            print(tables[-1], flush=True)
+
     out = common.workdir() / "results" / "bench_streaming.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
+    print("\n" + "\n\n".join(tables))
     print(f"wrote {out}")
 
 

@@ -78,9 +78,7 @@ class MixingRunner:
         return logits, present
 
 
-def run_jobs(
-    module, runner, jobs, max_batch, context=64, fits=lambda rows, tokens: True, chunk=0
-):
+def run_jobs(module, runner, jobs, max_batch, context=64, fits=lambda rows, tokens: True, chunk=0):
     """Submit every job at once; return each job's tokens (or its error) once all finish."""
     engine = module.Engine(
         runner, [1, 2, 1, 1, 0, 1], EOS, context, max_batch, 0.0, fits, prefill_chunk=chunk
@@ -393,7 +391,9 @@ def test_stopping_answers_requests_being_prefilled_in_chunks(module):
     )
     answers = []
     jobs = [module.Job(list(range(10, 30)), 50, lambda t: None, answers.append)]
-    jobs += [module.Job(list(range(40 + i, 60)), 50, lambda t: None, answers.append) for i in (0, 1)]
+    jobs += [
+        module.Job(list(range(40 + i, 60)), 50, lambda t: None, answers.append) for i in (0, 1)
+    ]
     jobs += [module.Job([5], 50, lambda t: None, answers.append) for _ in range(3)]
     for job in jobs:
         engine.submit(job)

@@ -8,12 +8,18 @@ one batch. Streaming clients call it directly (one response per token as it come
 ``"stream": false`` and gets one response with every token. So streaming and non-streaming
 requests share decode steps.
 
-One request in, N tokens out: tokenize once, prefill the prompt (alone), then one token per
-step with the cache of the steps before. `execute` only checks a request and hands it to the
+One request in, N tokens out: tokenize once, prefill the prompt, then one token per step with
+the cache of the steps before. Prefill (parameter `prefill_chunk`, 0: off): the prompts taken
+in one turn that are no longer than a chunk are prefilled in one call (padded on the left to
+the longest, mask 0); a longer prompt is prefilled one chunk per engine turn, each chunk with
+the request's own cache so far as past, and each turn then runs a decode step of the batch, so
+a long prompt does not stall the rows in flight for its whole prefill. Its first token comes
+from its last chunk; then its row joins the batch. With `prefill_chunk` 0 each prompt is
+prefilled alone, whole, while no decode step runs. `execute` only checks a request and hands it to the
 engine thread, which runs every request in flight as one batch: one step makes the next token
 of each of them, reading the model's weights once for all (a decode step is bound by reading
 the weights, so a step over 8 rows costs little more than a step over 1). A request joins at
-the step after its prefill and leaves when it stops, or at the next step once its client has
+the step after its prefill (a request being prefilled in chunks holds one of the batch's rows) and leaves when it stops, or at the next step once its client has
 cancelled it; its row's attention mask and positions are its own (the ONNX model derives
 positions from the mask), so it gets the tokens it gets alone. Imports nothing from the
 repository.
