@@ -46,7 +46,8 @@ def load_model_module():
 class MixingRunner:
     """A fake step model with the real one's shapes: the cache holds the token ids themselves
     ([1, 2, batch, 1, length, 1]); a row's next token is a hash of its real tokens, in order,
-    and the mask (0 on padding) decides which columns are real."""
+    and the mask (0 on padding) decides which columns are real. Like the real one it answers
+    from the last position: a row whose last column is padding gets token 0."""
 
     uses_shm = False
 
@@ -70,6 +71,9 @@ class MixingRunner:
         ).astype(np.float32)
         logits = np.zeros((batch, VOCAB), dtype=np.float32)
         for row in range(batch):
+            if mask[row, -1] == 0:  # the logits are the last position's: here a padding's
+                logits[row, 0] = 1.0
+                continue
             real = present[0, 0, row, 0, mask[row] == 1, 0].astype(np.int64)
             assert (present[0, 0, row, 0, mask[row] == 0, 0] == 0).all(), "padding is not zero"
             weights = np.arange(1, len(real) + 1)
