@@ -627,6 +627,7 @@ class Engine:
         self.active = [self.active[i] for i in keep]
         if not self.active:
             self.cache = self.mask = None
+            self.held = ()
             return
         # Drop the finished rows, and the columns no remaining row uses (padding only).
         mask = self.mask[keep]
