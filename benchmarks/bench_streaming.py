@@ -23,8 +23,9 @@ stopped here, one at a time.
 3. ``max_batch`` sweep: per ``--sweep-max-batch`` value, ``--sweep-clients`` clients as in 1;
    tokens/s, TTFT p50 and ITL p50.
 
-Prints the tables and writes ``results/bench_streaming.json`` in the work folder. Every token
-stream is checked against the same prompt's tokens at one client before any time is reported.
+Prints the tables and writes ``results/bench_streaming.json`` (``--out``) in the work folder.
+Every token stream is checked against the same prompt's tokens at one client before any time is
+reported; with the long prompt, the decoders' tokens and its first token must not change.
 """
 
 from __future__ import annotations
@@ -136,6 +137,15 @@ def long_prompt_run(url: str, prompt, long_prompt, args, with_long: bool) -> dic
     return out
 
 
+def engine_reads(artifact: Path, parameter: str) -> bool:
+    """Does the artifact's engine (generate_stream/1/model.py) read ``parameter``?"""
+    import zipfile
+
+    with zipfile.ZipFile(artifact) as zf:
+        code = zf.read("model_repository/generate_stream/1/model.py").decode()
+    return f'"{parameter}"' in code
+
+
 class Servers:
     """The artifact with engine parameters set, served one setting at a time."""
 
@@ -146,12 +156,13 @@ class Servers:
         from tutorial.repository import artifact_with_parameters
         from tutorial.triton_local import serve_artifact
 
-        print(f"{name}: {params}: writing the artifact copy ...", flush=True)
         copy = self.folder / "setting.zip"
         copy.unlink(missing_ok=True)
         if params:
+            print(f"{name}: {params}: writing the artifact copy ...", flush=True)
             artifact_with_parameters(self.artifact, copy, ["generate_stream"], params)
         else:
+            print(f"{name}: the artifact as it is ...", flush=True)
             copy = self.artifact
         server = serve_artifact(copy, runtime="bundled")
         print(f"  served in {server.started_s:.1f} s at {server.url}", flush=True)
@@ -179,6 +190,9 @@ def main() -> None:
     parser.add_argument("--skip-levels", action="store_true")
     parser.add_argument("--skip-long", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument(
+        "--out", default="bench_streaming.json", help="file name under results/ in the work folder"
+    )
     args = parser.parse_args()
 
     state = common.require_state("repository", "notebooks/03_model_repository.ipynb")
@@ -187,6 +201,12 @@ def main() -> None:
     n_positions = int(common.load_state()["model"].get("n_positions") or 1024)
     long_prompt = make(min(args.long_prompt, n_positions - 2))
     print(f"model: {common.weights_label()}; artifact {state['artifact_zip']}", flush=True)
+    if not args.skip_long and not engine_reads(Path(state["artifact_zip"]), "prefill_chunk"):
+        raise SystemExit(
+            f"{state['artifact_zip']}: its generate_stream/1/model.py predates the parameter "
+            "prefill_chunk, so the long-prompt runs would measure one engine twice: run "
+            "notebooks 03 again (make run), or pass --skip-long"
+        )
     summary: dict = {"args": vars(args), "machine": common.machine_metadata(), "levels": []}
     alone: list[int] | None = None
     tables = []
@@ -241,7 +261,7 @@ def main() -> None:
             tables.append(sweep_table(rows))
             print(tables[-1], flush=True)
 
-    out = common.workdir() / "results" / "bench_streaming.json"
+    out = common.workdir() / "results" / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
     print("\n" + "\n\n".join(tables))
