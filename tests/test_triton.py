@@ -371,13 +371,16 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_a_stream(triton_server, tin
     tf_model, tok = tiny_reference
     long = " hello" * 1015
     before = engine_counters(triton_server.metrics_url)
-    events = stream_generate(triton_server.url, "Hello world", 200)
+    # The stream is long (1000 tokens, the most a request may ask) so that it is still
+    # decoding when the long request is done, however slow this machine is; the long request
+    # needs 16 of its steps (8 chunks, 8 decode steps).
+    events = stream_generate(triton_server.url, "Hello world", 1000)
     _, streamed = next(events)  # the stream is in flight
     ids = generated_ids(generate(triton_server, long, 9))  # 1015 + 9 = the context
     streamed += [i for _, piece in events for i in piece]
     delta = counter_deltas(triton_server, before)
     assert ids == reference_generate(tf_model, tok, long, 9)
-    assert streamed == reference_generate(tf_model, tok, "Hello world", 200)
+    assert streamed == reference_generate(tf_model, tok, "Hello world", 1000)
     assert delta["prefill_chunks"] == -(-1015 // chunk)
     assert delta["prefills"] == 2 and delta["prefill_calls"] == 1  # the stream's short prompt
     assert delta["mixed_steps"] == 8  # the long request's 8 decode steps, all in the batch

@@ -33,6 +33,27 @@ def engine_error(message):
     return pb_utils.TritonError(message)
 
 
+def release_after_cleanup(responses, sender):
+    """Let the last reference to a finished BLS response iterator go here, holding the GIL.
+
+    The python backend's stub also keeps each decoupled BLS iterator, and drops it from a C++
+    thread of its own once it has told Triton the iterator is finished (the "cleanup" message,
+    queued by the iterator's last ``next``). If the model has let its own reference go by
+    then, the iterator and its responses' numpy arrays are freed on that thread without the
+    GIL: Python 3.12 crashes there (the stub segfaults; Triton answers "Stub process ... is not
+    healthy"), as any extension freeing Python objects without the GIL does on 3.12 (e.g.
+    github.com/ska-sa/spead2/issues/230). ``sender.is_cancelled()`` is a synchronous round trip
+    through the same queue and thread, so when it returns the cleanup has been handled and the
+    reference dropped here is the last one.
+    """
+    if responses is None:
+        return
+    try:
+        sender.is_cancelled()
+    except Exception as exc:  # nothing to wait for: the request is gone
+        pb_utils.Logger.log_warn(f"generate: is_cancelled failed: {exc}")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -48,6 +69,7 @@ class TritonPythonModel:
     def forward(self, inputs, sender):
         """One request through the engine; its one answer (or its error) to ``sender``."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        responses = None
         try:
             request = pb_utils.InferenceRequest(
                 model_name=self.engine,
@@ -56,7 +78,8 @@ class TritonPythonModel:
                 parameters={"stream": False},
             )
             outputs, error = None, None
-            for response in request.exec(decoupled=True):
+            responses = request.exec(decoupled=True)
+            for response in responses:
                 if response.has_error():
                     error = response.error()
                     continue
@@ -75,6 +98,7 @@ class TritonPythonModel:
             answer = pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(f"{self.name}: {self.engine} failed: {exc}")
             )
+        release_after_cleanup(responses, sender)
         try:
             sender.send(answer, flags=final)
         except Exception as exc:  # the client went away: nothing left to tell it

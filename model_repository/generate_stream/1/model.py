@@ -662,6 +662,12 @@ class Metrics:
             if value and key in self.metrics:
                 self.metrics[key][1].increment(value)
 
+    def close(self):
+        """Let the metric families go while the stub can still tell Triton (in ``finalize``).
+        Left to the interpreter's exit, they are freed after the stub's shared memory is gone,
+        and the stub segfaults on its way out (seen with Triton 24.10's Python 3.12 stub)."""
+        self.metrics = {}
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -751,6 +757,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.stop()
+        self.metrics.close()
         pb_utils.Logger.log_info(
             f"{self.name}: unloaded; {self.engine.unanswered} requests in flight or queued "
             "were answered with an error"
