@@ -49,6 +49,7 @@ from tutorial.export import (  # noqa: F401
     ort_session,
     print_signature,
     quantize_int8,
+    run_export_check,
     run_export_stage,
     run_monitored,
     weight_bytes_read_per_step,

@@ -184,3 +184,46 @@ def test_save_onnx_gives_each_file_its_own_external_data(tmp_path, monkeypatch):
     (first.with_name("first.onnx.data")).unlink()
     with pytest.raises(TutorialError, match=r"names external data that is not beside it"):
         onnx_files(first)
+
+
+def test_signatures_are_read_without_the_weights(tmp_path, monkeypatch):
+    """``load_without_weights`` gives what ``onnx.load`` gives but the weights' values, whether
+    they are inside the file or beside it: notebook 02's kernel reads a 1.6 GB gpt2-medium
+    file's signature this way without holding its weights."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tutorial.export import onnx_signature
+    from tutorial.onnx_surgery import load_without_weights, onnx_files, save_onnx
+
+    weight = np.random.default_rng(0).normal(size=(300, 300)).astype(np.float32)
+    scale = numpy_helper.from_array(np.asarray([2.0], np.float32), "s")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Mul", ["h", "s"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 300])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 300])],
+        [numpy_helper.from_array(weight, "W"), scale],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    inline, external = tmp_path / "inline.onnx", tmp_path / "ext" / "external.onnx"
+    save_onnx(model, inline)
+    monkeypatch.setenv("TUTORIAL_EXTERNAL_DATA_MB", "0.1")
+    save_onnx(model, external)
+    assert inline.stat().st_size > weight.nbytes > 100 * external.stat().st_size
+    for path in (inline, external):
+        light, whole = load_without_weights(path), onnx.load(str(path), load_external_data=False)
+        assert light.ByteSize() < 2000
+        assert light.graph.node == whole.graph.node and light.graph.input == whole.graph.input
+        assert light.graph.output == whole.graph.output and light.opset_import == whole.opset_import
+        assert light.ir_version == whole.ir_version
+        described = [(t.name, list(t.dims), t.data_type) for t in light.graph.initializer]
+        assert described == [("W", [300, 300], TensorProto.FLOAT), ("s", [1], TensorProto.FLOAT)]
+        assert all(not t.raw_data and not t.float_data for t in light.graph.initializer)
+        sig = onnx_signature(path)
+        assert sig["inputs"] == [{"name": "x", "dtype": "FLOAT", "dims": [-1, 300]}]
+        assert sig["bytes"] == sum(p.stat().st_size for p in onnx_files(path))
+    assert onnx_files(external) == [external, external.with_name("external.onnx.data")]
+    assert onnx_files(inline) == [inline]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 
 import pytest
@@ -25,6 +26,14 @@ def test_notebooks_01_to_03(tiny_workdir):
         onnx["signature_with_past"]["ir_version"] <= 10
         and onnx["signature_with_past"]["opset"] <= 21
     )
+    # every stage and check that loads a model ran in a child process, its peak measured; the
+    # kernel itself held no TensorFlow (importing it alone takes about 0.5 GB)
+    assert sorted(onnx["export_stages"]) == ["assemble", "convert", "trace"]  # (state.json sorts)
+    assert sorted(onnx["check_stages"]) == ["greedy", "int8", "logits", "trim"]
+    assert all(f["peak_rss"] > 0 for f in onnx["check_stages"].values())
+    text = outputs_text(tiny_workdir / "executed" / "02_export_onnx.ipynb")
+    kernel_gb = float(re.search(r"this kernel: peak RSS ([0-9.]+) GB", text).group(1))
+    assert 0 < kernel_gb < 0.5, kernel_gb
     repo = state["repository"]
     assert repo["weights"] == "random-offline"
     with zipfile.ZipFile(repo["artifact_zip"]) as zf:

@@ -143,13 +143,40 @@ def run_export_stage(stage: str, *args: Any, log_dir: Path, **monitor: Any) -> d
     return run_monitored(cmd, log_dir / f"export_{stage}.log", stage, **monitor)
 
 
+def run_export_check(
+    check: str, log_dir: Path, every_s: float = 15.0, **arguments: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one of notebook 02's checks (:mod:`tutorial.export_checks`) in a child process with
+    progress lines. Returns what the check returned and the child's figures (seconds, memory)."""
+    import json
+
+    from tutorial.export_checks import CHECKS
+
+    if check not in CHECKS:
+        raise TutorialError(f"check must be one of {sorted(CHECKS)}, not {check!r}")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    args_file, result_file = log_dir / f"check_{check}.json", log_dir / f"check_{check}.out.json"
+    args_file.write_text(json.dumps({k: _jsonable(v) for k, v in arguments.items()}))
+    result_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "tutorial.export_checks", check, str(args_file), str(result_file)]
+    figures = run_monitored(cmd, log_dir / f"check_{check}.log", check, every_s=every_s)
+    return json.loads(result_file.read_text()), figures
+
+
+def _jsonable(value: Any) -> Any:
+    """Paths as strings, numpy integers as ints (for a check's arguments file)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def onnx_signature(path: Path) -> dict[str, Any]:
     """Inputs, outputs (name, dtype, dims), IR version, opset and size of an ONNX file."""
-    import onnx
+    from tutorial.onnx_surgery import load_without_weights, onnx_files
 
-    from tutorial.onnx_surgery import onnx_files
-
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_without_weights(path)  # the weights' memory is not needed here
 
     def describe(values: Any) -> list[dict[str, Any]]:
         out = []

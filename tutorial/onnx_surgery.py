@@ -66,13 +66,95 @@ def save_onnx(model: Any, path: Path, keep: bool = True) -> list[Path]:
     return onnx_files(path)
 
 
+def _varint(buf: Any, pos: int) -> tuple[int, int]:
+    """A protobuf varint at ``pos``: (value, position after it)."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: Any, start: int, end: int) -> Any:
+    """Each protobuf field in ``buf[start:end]``: (number, start of the field, start of its
+    value, end), without reading the value (a length-delimited value is skipped over)."""
+    pos = start
+    while pos < end:
+        first = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, stop = _varint(buf, pos)
+        elif wire == 1:
+            stop = pos + 8
+        elif wire == 5:
+            stop = pos + 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            stop = pos + length
+        else:
+            raise TutorialError(f"protobuf wire type {wire} (groups) is not used by ONNX")
+        yield number, first, pos, stop
+        pos = stop
+
+
+def _delimited(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    out, value = bytearray(), (number << 3) | 2
+    for v in (value, len(payload)):
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out) + payload
+
+
+#: TensorProto's value fields (float_data, int32_data, string_data, int64_data, raw_data,
+#: double_data, uint64_data): what :func:`load_without_weights` leaves out.
+_TENSOR_VALUES = {4, 5, 6, 7, 9, 10, 11}
+
+
+def load_without_weights(path: Path) -> Any:
+    """An ONNX file's ``ModelProto`` with every initializer's values left out (names, dtypes,
+    shapes and external-data entries kept): its inputs, outputs, nodes and opsets, read
+    without the memory of the weights. ``onnx.load`` parses a file whole, so a 1.6 GB model
+    whose weights are inside it costs that much (and more) to ask for its signature; this
+    reads the protobuf fields through ``mmap`` and skips over the weights' bytes."""
+    import mmap
+
+    import onnx
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        model = bytearray()
+        for number, first, start, stop in _fields(buf, 0, len(buf)):
+            if number != 7:  # not the graph
+                model += buf[first:stop]
+                continue
+            graph = bytearray()
+            for g_number, g_first, g_start, g_stop in _fields(buf, start, stop):
+                if g_number != 5:  # not an initializer
+                    graph += buf[g_first:g_stop]
+                    continue
+                tensor = b"".join(
+                    buf[t_first:t_stop]
+                    for t_number, t_first, _, t_stop in _fields(buf, g_start, g_stop)
+                    if t_number not in _TENSOR_VALUES
+                )
+                graph += _delimited(5, tensor)
+            model += _delimited(7, bytes(graph))
+    return onnx.ModelProto.FromString(bytes(model))
+
+
 def onnx_files(path: Path) -> list[Path]:
     """An ONNX file and the external data files it names (relative to its folder), in that
     order: what must travel together when the model is copied."""
     import onnx
 
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_without_weights(path)
     names = []
     tensors = list(model.graph.initializer)
     for node in model.graph.node:
