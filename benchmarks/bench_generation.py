@@ -494,7 +494,7 @@ def main() -> None:
         import zipfile
 
         with zipfile.ZipFile(paths["artifact_zip"]) as zf:
-            code = zf.read("model_repository/generate/1/model.py").decode(errors="replace")
+            code = zf.read("model_repository/generate_stream/1/model.py").decode(errors="replace")
         batching_in_code = "inflight_batching" in code
         stage(
             f"concurrency: {args.concurrency} clients x {args.requests_per_client} generate "
@@ -502,7 +502,8 @@ def main() -> None:
         )
         if not batching_in_code:
             print(
-                "  NOTE: this artifact's generate/1/model.py does not read 'inflight_batching': "
+                "  NOTE: this artifact's engine (generate_stream/1/model.py) does not read "
+                "'inflight_batching': "
                 "'on' and 'off' run the same code (rebuild the zip with notebook 03 once "
                 "in-flight batching is in)."
             )

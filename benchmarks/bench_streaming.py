@@ -4,7 +4,7 @@ prefill off and on; and a ``max_batch`` sweep.
 
     python benchmarks/bench_streaming.py            # after notebooks 01-03 (make run)
     python benchmarks/bench_streaming.py --levels 1 8 --requests 2 --new-tokens 50
-    python benchmarks/bench_streaming.py --skip-levels --skip-sweep --long-chunks 0 128 256
+    python benchmarks/bench_streaming.py --skip-levels --skip-sweep --long-chunks 0 32 128:0.75
 
 It serves the artifact notebook 03 packed (the zip unpacked read-only, the bundled Triton, as
 the tests do) and streams over HTTP (``/v2/models/generate_stream/generate_stream``), the way a
@@ -15,10 +15,11 @@ stopped here, one at a time.
 
 1. Levels (the artifact as committed): ``N`` clients, each sending ``--requests`` requests one
    after another, a ``--prompt-tokens``-token prompt and ``--new-tokens`` new tokens each.
-2. Long prompt, per ``--long-chunks`` value of ``prefill_chunk`` (0: chunked prefill off):
-   7 clients decode ``--long-decode`` tokens; ``--long-after`` seconds in, one request with a
+2. Long prompt, per ``--long-chunks`` setting ``CHUNK`` or ``CHUNK:SHARE`` (``prefill_chunk``
+   and ``prefill_chunk_share``, 0 if not given; chunk 0: chunked prefill off): 7 clients decode ``--long-decode`` tokens; ``--long-after`` seconds in, one request with a
    ``--long-prompt``-token prompt arrives. Reported: the decoders' ITL p50/p95/p99 with it, and
-   without it in a run just before (same server, clients and tokens), and the long request's
+   without it in a run just before (same server, clients and tokens), the longest gap (a
+   stall shows there, while p99 over ~1,000 gaps can miss 7 long ones), and the long request's
    TTFT.
 3. ``max_batch`` sweep: per ``--sweep-max-batch`` value, ``--sweep-clients`` clients as in 1;
    tokens/s, TTFT p50 and ITL p50.
@@ -67,18 +68,38 @@ def levels_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def chunk_setting(text: str) -> tuple[int, float]:
+    """``CHUNK`` or ``CHUNK:SHARE`` -> (prefill_chunk, prefill_chunk_share)."""
+    chunk, _, share = text.partition(":")
+    try:
+        value = (int(chunk), float(share or 0))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CHUNK or CHUNK:SHARE, not {text!r}") from None
+    if value[0] < 0 or value[1] < 0:
+        raise argparse.ArgumentTypeError(f"chunk and share must be >= 0, not {text!r}")
+    return value
+
+
+def chunk_label(row: dict) -> str:
+    if not row["prefill_chunk"]:
+        return "off (0)"
+    share = row.get("prefill_chunk_share") or 0
+    return f"{row['prefill_chunk']}" + (f", share {share:g}" if share else "")
+
+
 def long_table(rows: list[dict], long_tokens: int) -> str:
     lines = [
-        f"| prefill_chunk | decoders' ITL without the {long_tokens}-token prompt p50 / p95 / "
-        "p99 ms | with it p50 / p95 / p99 ms | p99 with / p50 without | its TTFT ms |",
+        f"| prefill_chunk (, share) | decoders' ITL without the {long_tokens}-token prompt p50 / p95 / "
+        "p99 ms | with it p50 / p95 / p99 / longest ms | p99 with / p50 without | its TTFT ms |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         base, hit = r["without"]["decoders"]["itl_ms"], r["with"]["decoders"]["itl_ms"]
         lines.append(
-            f"| {r['prefill_chunk'] or 'off (0)'} | {fmt(base['p50'])} / {fmt(base['p95'])} / "
-            f"{fmt(base['p99'])} | {fmt(hit['p50'])} / {fmt(hit['p95'])} / {fmt(hit['p99'])} "
-            f"| {r['ratio']:.1f}x | {fmt(r['with']['long_prompt_ttft_ms'])} |"
+            f"| {chunk_label(r)} | {fmt(base['p50'])} / {fmt(base['p95'])} / "
+            f"{fmt(base['p99'])} | {fmt(hit['p50'])} / {fmt(hit['p95'])} / {fmt(hit['p99'])} / "
+            f"{fmt(hit.get('max'))} | {r['ratio']:.1f}x | "
+            f"{fmt(r['with']['long_prompt_ttft_ms'])} |"
         )
     return "\n".join(lines)
 
@@ -180,10 +201,11 @@ def main() -> None:
     parser.add_argument("--long-after", type=float, default=1.0)
     parser.add_argument(
         "--long-chunks",
-        type=int,
+        type=chunk_setting,
         nargs="+",
-        default=[0, 128],
-        help="prefill_chunk values for the long-prompt runs (0: chunked prefill off)",
+        default=[(0, 0.0), (128, 0.0), (128, 0.75)],
+        help="CHUNK or CHUNK:SHARE settings (prefill_chunk, prefill_chunk_share) for the "
+        "long-prompt runs (0: chunked prefill off); default: 0 128 128:0.75",
     )
     parser.add_argument("--sweep-max-batch", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--sweep-clients", type=int, nargs="+", default=[1, 8, 16, 32])
@@ -224,8 +246,9 @@ def main() -> None:
             print(tables[-1], flush=True)
         if not args.skip_long:
             rows = []
-            for chunk in args.long_chunks:
-                server = servers.serve("long prompt", {"prefill_chunk": str(chunk)})
+            for chunk, share in args.long_chunks:
+                params = {"prefill_chunk": str(chunk), "prefill_chunk_share": f"{share:g}"}
+                server = servers.serve("long prompt", params)
                 try:
                     base = long_prompt_run(server.url, prompt, long_prompt, args, False)
                     hit = long_prompt_run(server.url, prompt, long_prompt, args, True)
@@ -234,7 +257,15 @@ def main() -> None:
                 if hit["decoder_tokens"] != base["decoder_tokens"]:
                     raise SystemExit(f"prefill_chunk {chunk}: the decoders' tokens changed")
                 ratio = hit["decoders"]["itl_ms"]["p99"] / base["decoders"]["itl_ms"]["p50"]
-                rows.append({"prefill_chunk": chunk, "without": base, "with": hit, "ratio": ratio})
+                rows.append(
+                    {
+                        "prefill_chunk": chunk,
+                        "prefill_chunk_share": share,
+                        "without": base,
+                        "with": hit,
+                        "ratio": ratio,
+                    }
+                )
             firsts = {tuple(r["with"]["long_prompt_tokens"]) for r in rows}
             if len(firsts) != 1:
                 raise SystemExit("the long prompt's first token differs between settings")

@@ -504,3 +504,58 @@ def test_the_cuda_options_come_from_the_committed_config(module):
     assert module.cuda_provider_options(params, "0") == CUDA_OPTIONS  # TF32 off, no cap
     params["cuda_gpu_mem_limit_bytes"] = str(8 * 2**30)
     assert module.cuda_provider_options(params, "1")["gpu_mem_limit"] == "8589934592"
+
+
+class TimedRunner(MixingRunner):
+    """MixingRunner on a fake clock: a decode step (one new token a row) costs ``step``, a
+    prefill call one unit a prompt token. Records each call's (rows, new tokens)."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.now, self.step, self.calls = 0.0, step, []
+
+    def clock(self):
+        return self.now
+
+    def run(self, ids, mask, past):
+        batch, new = ids.shape
+        self.now += self.step if new == 1 else batch * new
+        self.calls.append((batch, new))
+        return super().run(ids, mask, past)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_chunks_sized_to_a_share_of_a_decode_step(module, share):
+    """With prefill_chunk_share, a long prompt's chunks take about that share of a decode step
+    while rows decode (here 0.5 x 40 / 1 per token = 20 tokens; 16, MIN_CHUNK, until both are
+    timed); without it, chunks of prefill_chunk. Tokens: those each request gets alone."""
+    runner = TimedRunner(step=40.0)
+    engine = module.Engine(
+        runner, [1, 2, 1, 1, 0, 1], EOS, 256, 8, 0.0, lambda r, t: True,
+        prefill_chunk=64, chunk_share=share, clock=runner.clock,
+    )  # fmt: skip
+    jobs = [([5, 6, 7], 40), ([4, 5], 40), (list(range(4, 94)) + list(range(4, 14)), 5)]
+    results, done = {}, threading.Event()
+
+    def job(i, prompt, max_new):
+        tokens = []
+
+        def finish(error):
+            results[i] = error or tokens
+            if len(results) == len(jobs):
+                done.set()
+
+        return module.Job(prompt, max_new, tokens.append, finish)
+
+    for i, (prompt, max_new) in enumerate(jobs):
+        engine.submit(job(i, prompt, max_new))
+    engine.start()
+    try:
+        assert done.wait(timeout=30)
+    finally:
+        engine.stop()
+    assert [results[i] for i in range(3)] == run_jobs(module, MixingRunner(), jobs, 1, context=256)
+    chunks = [new for rows, new in runner.calls if rows == 1 and new > 1]
+    assert runner.calls[0] == (2, 3)  # the two short prompts, one call
+    assert sum(chunks) == 100
+    assert chunks == ([16, 20, 20, 20, 20, 4] if share else [64, 36])

@@ -19,6 +19,7 @@ def test_ttft_itl_tpot_and_throughput_from_event_times():
     # gaps: 20, 20, 60 (first request) and 100 ms (second)
     assert m["itl_ms"]["p50"] == pytest.approx(40.0)
     assert m["itl_ms"]["p99"] == pytest.approx(98.8)  # numpy's linear interpolation
+    assert m["itl_ms"]["max"] == pytest.approx(100.0)  # the longest gap: a stall shows here
     # TPOT per request: (200 - 100) / 3 and (350 - 250) / 1
     assert m["tpot_ms"]["p50"] == pytest.approx((100 / 3 + 100) / 2)
     assert m["tokens_per_s"] == pytest.approx(6 / 0.35)

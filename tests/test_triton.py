@@ -373,7 +373,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_a_stream(triton_server, tin
     before = engine_counters(triton_server.metrics_url)
     # The stream is long (1000 tokens, the most a request may ask) so that it is still
     # decoding when the long request is done, however slow this machine is; the long request
-    # needs 16 of its steps (8 chunks, 8 decode steps).
+    # needs 8 decode steps and a turn per chunk (32 chunks of the committed 32 tokens; at most
+    # 64 with prefill_chunk_share, whose chunks hold at least 16).
     events = stream_generate(triton_server.url, "Hello world", 1000)
     _, streamed = next(events)  # the stream is in flight
     ids = generated_ids(generate(triton_server, long, 9))  # 1015 + 9 = the context
@@ -381,7 +382,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_a_stream(triton_server, tin
     delta = counter_deltas(triton_server, before)
     assert ids == reference_generate(tf_model, tok, long, 9)
     assert streamed == reference_generate(tf_model, tok, "Hello world", 1000)
-    assert delta["prefill_chunks"] == -(-1015 // chunk)
+    # at least ceil(1015 / chunk) chunks: prefill_chunk_share may make them smaller
+    assert delta["prefill_chunks"] >= -(-1015 // chunk)
     assert delta["prefills"] == 2 and delta["prefill_calls"] == 1  # the stream's short prompt
     assert delta["mixed_steps"] == 8  # the long request's 8 decode steps, all in the batch
 

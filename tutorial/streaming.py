@@ -52,8 +52,9 @@ def latency_metrics(runs: list[dict]) -> dict[str, Any]:
 
     def pct(values: list[float]) -> dict[str, float | None]:
         if not values:
-            return {"p50": None, "p95": None, "p99": None}
-        return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+            return {"p50": None, "p95": None, "p99": None, "max": None}
+        out = {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+        return {**out, "max": float(max(values))}
 
     return {
         "requests": len(runs),

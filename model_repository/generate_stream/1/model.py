@@ -335,6 +335,10 @@ COUNTERS = {
 }
 
 
+#: The fewest prompt tokens a chunk holds when ``prefill_chunk_share`` sizes it.
+MIN_CHUNK = 16
+
+
 class Engine:
     """Runs every request in flight as one batch, in a thread of its own.
 
@@ -343,8 +347,11 @@ class Engine:
     requests before its first step. ``prefill_chunk`` (0: off) is the most prompt tokens one
     turn prefills for a long prompt: a longer prompt is prefilled a chunk per turn, between the
     batch's decode steps, and the prompts taken together that are no longer than a chunk share
-    one prefill call. ``counters`` counts what it does (COUNTERS); ``publish(deltas)`` is
-    called after each step with what changed.
+    one prefill call. With ``chunk_share`` (0: off) and rows decoding, a chunk is as many tokens
+    (at most ``prefill_chunk``, at least MIN_CHUNK) as take about that share of a decode step,
+    from the times of the last steps and chunks (``clock``), so the decoders' next token is
+    late by that share at most. ``counters`` counts what it does (COUNTERS);
+    ``publish(deltas)`` is called after each step with what changed.
     """
 
     def __init__(
@@ -358,6 +365,8 @@ class Engine:
         fits,
         publish=None,
         prefill_chunk=0,
+        chunk_share=0.0,
+        clock=time.perf_counter,
     ):
         self.runner = runner
         self.past_shape = past_shape
@@ -368,6 +377,10 @@ class Engine:
         self.fits = fits  # fits(rows, tokens): may a batch of rows x tokens run now?
         self.publish = publish or (lambda deltas: None)
         self.prefill_chunk = max(0, int(prefill_chunk))
+        self.chunk_share = max(0.0, float(chunk_share))
+        self.clock = clock
+        self.step_s = None  # a decode step's time, smoothed (EWMA)
+        self.chunk_token_s = None  # a chunk's time per token, smoothed (EWMA)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.pending = queue.Queue()
         self.waiting = []  # taken from the queue, not yet admitted (did not fit)
@@ -458,6 +471,7 @@ class Engine:
         """Admit what waits; prefill the short prompts taken (one call) and one chunk of the
         oldest long prompt; then one decode step for the batch."""
         short = []
+        limit = self.chunk_size()
         for job in self.take(block=not self.active and not self.prefilling):
             if self.stopping:
                 self.waiting.append(job)  # answered by loop() on its way out
@@ -471,7 +485,7 @@ class Engine:
             if admitted and not self.fits(len(admitted) + 1, longest):
                 self.waiting.append(job)  # joins when rows have left
                 continue
-            if self.prefill_chunk and len(job.prompt) > self.prefill_chunk:
+            if self.prefill_chunk and len(job.prompt) > limit:
                 self.prefilling.append(job)
             elif self.prefill_chunk:
                 short.append(job)
@@ -484,6 +498,21 @@ class Engine:
         self.drop_cancelled()
         if self.active:
             self.decode()
+
+    def chunk_size(self):
+        """Prompt tokens one turn may prefill: ``prefill_chunk``; with ``chunk_share`` and rows
+        decoding, what takes that share of a decode step (MIN_CHUNK until both are timed)."""
+        if not self.chunk_share or not self.active:
+            return self.prefill_chunk
+        floor = min(MIN_CHUNK, self.prefill_chunk)
+        if self.step_s is None or self.chunk_token_s is None:
+            return floor
+        fit = int(self.chunk_share * self.step_s / self.chunk_token_s)
+        return max(floor, min(self.prefill_chunk, fit))
+
+    @staticmethod
+    def smooth(old, new):
+        return new if old is None else 0.5 * old + 0.5 * new
 
     def advance(self, job, token):
         job.count += 1
@@ -540,12 +569,15 @@ class Engine:
             job.finish(Cancelled("the client cancelled the request"))
             self.count({"cancelled": 1})
             return
-        end = min(job.filled + self.prefill_chunk, len(job.prompt))
+        end = min(job.filled + self.chunk_size(), len(job.prompt))
         ids = np.asarray([job.prompt[job.filled : end]], dtype=np.int32)
         mask = np.ones((1, end), dtype=np.int32)
         past = self.empty_past(1) if job.past is None else job.past
         try:
+            start = self.clock()
             logits, present = self.runner.run(ids, mask, past)
+            per_token = (self.clock() - start) / (end - job.filled)
+            self.chunk_token_s = self.smooth(self.chunk_token_s, per_token)
         except Exception as exc:
             self.prefilling.pop(0)
             job.past = job.held = None
@@ -601,7 +633,9 @@ class Engine:
         ids = np.asarray([[job.last] for job in self.active], dtype=np.int32)
         mask = np.pad(self.mask, [(0, 0), (0, 1)], constant_values=1)
         try:
+            start = self.clock()
             logits, present = self.runner.run(ids, mask, self.cache)
+            self.step_s = self.smooth(self.step_s, self.clock() - start)
         except Exception as exc:  # every row of the failed step gets the error
             for job in self.active:
                 job.finish(exc)
@@ -737,6 +771,12 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{self.name}: prefill_chunk must be 0 (off) or a number of tokens, got {chunk}"
             )
+        share = float(params.get("prefill_chunk_share", "0"))
+        if share < 0:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: prefill_chunk_share must be 0 (off) or a share of a decode step "
+                f"(e.g. 0.75), got {share}"
+            )
         self.metrics = Metrics(self.name)
         self.engine = Engine(
             self.runner,
@@ -748,11 +788,13 @@ class TritonPythonModel:
             self.fits,
             self.metrics.publish,
             prefill_chunk=chunk,
+            chunk_share=share,
         ).start()
         pb_utils.Logger.log_info(
             f"{self.name}: step_runner {runner}, inflight_batching {batching} "
             f"(at most {max(1, max_batch)} requests per step, join wait {wait_s * 1e3:g} ms), "
             f"prefill_chunk {chunk or 'off'}"
+            + (f" (sized to {share:g} of a decode step while rows decode)" if share else "")
         )
 
     def finalize(self):
