@@ -559,3 +559,57 @@ def test_chunks_sized_to_a_share_of_a_decode_step(module, share):
     assert runner.calls[0] == (2, 3)  # the two short prompts, one call
     assert sum(chunks) == 100
     assert chunks == ([16, 20, 20, 20, 20, 4] if share else [64, 36])
+
+
+def test_counters_are_sent_in_batches_and_before_each_answer(module):
+    """Metrics adds the engine's counts up and sends them to Triton at most every EVERY_S (each
+    increment is a round trip to the server process) and whenever a request is answered: the
+    engine flushes before every finish, so a client that reads the counters after its answer
+    sees its own request counted."""
+    sent = []
+
+    class Family:
+        COUNTER = "counter"
+
+        def __init__(self, name, description, kind):
+            self.name = name
+
+        def Metric(self, labels):  # noqa: N802 - pb_utils' name
+            return types.SimpleNamespace(increment=lambda v, n=self.name: sent.append((n, v)))
+
+    module.pb_utils.MetricFamily = Family
+    try:
+        now = [0.0]
+        metrics = module.Metrics("generate_stream", clock=lambda: now[0])
+        metrics.publish({"steps": 1, "rows": 3})
+        metrics.publish({"steps": 1, "rows": 2, "cancelled": 0})
+        assert sent == []  # held back: less than EVERY_S since the last send
+        now[0] += metrics.EVERY_S
+        metrics.publish({"steps": 1, "rows": 1})
+        assert sorted(sent) == [
+            ("generate_engine_rows_total", 6),
+            ("generate_engine_steps_total", 3),
+        ]
+        sent.clear()
+        runner = MixingRunner()
+        order = []
+        engine = module.Engine(
+            runner, [1, 2, 1, 1, 0, 1], EOS, 64, 4, 0.0, lambda r, t: True, metrics.publish,
+            flush=lambda: (metrics.flush(), order.append("flush")),
+        )  # fmt: skip
+        done = threading.Event()
+        job = module.Job(
+            [5, 6, 7], 5, lambda t: None, lambda e: (order.append("finish"), done.set())
+        )
+        engine.submit(job)
+        engine.start()
+        assert done.wait(timeout=30)
+        engine.stop()
+        assert order[-2:] == ["flush", "finish"]  # flushed right before the answer
+        totals = {}
+        for name, value in sent:
+            totals[name] = totals.get(name, 0) + value
+        assert totals["generate_engine_steps_total"] == 4  # 5 tokens: a prefill and 4 steps
+        assert totals["generate_engine_prefills_total"] == 1
+    finally:
+        del module.pb_utils.MetricFamily
