@@ -438,18 +438,22 @@ def test_a_stream_closed_mid_way_leaves_the_batch(triton_server, tiny_reference)
 
 
 def test_unloading_the_engine_leaves_no_request_unanswered(tiny_workdir):
-    """The engine unloaded (explicit model control) with 10 streams in flight, two of them still
-    queued behind the 8 rows of the batch: each gets a final response. In Triton 24.10 the
+    """The engine unloaded (explicit model control) with max_batch + 2 streams in flight, two of
+    them still queued behind the batch's rows: each gets a final response. In Triton 24.10 the
     python backend finalizes a decoupled model once its requests are answered, so they are
     served to the end; the engine answers any it still holds at finalize with an error
     (tests/test_generate_engine.py checks that part)."""
     import requests
     import tritonclient.grpc as grpcclient
 
+    from tutorial.common import REPO_ROOT
     from tutorial.oci_deploy import triton_command
+    from tutorial.repository import load_config
     from tutorial.triton_local import serve_artifact
 
     require_local_triton()
+    config = load_config(REPO_ROOT / "model_repository/generate_stream/config.pbtxt")
+    rows = int(config.parameters["max_batch"].string_value)
     cmd = [
         a.replace("--model-control-mode=none", "--model-control-mode=explicit")
         for a in triton_command()
@@ -457,7 +461,7 @@ def test_unloading_the_engine_leaves_no_request_unanswered(tiny_workdir):
     server = serve_artifact(
         tiny_workdir / "model_artifact.zip", cmd=[*cmd, "--load-model=*"], runtime="bundled"
     )
-    streams = [{"tokens": 0, "final": False, "error": None} for _ in range(10)]
+    streams = [{"tokens": 0, "final": False, "error": None} for _ in range(rows + 2)]
 
     def callback(state, result, error):
         if error is not None:
@@ -479,13 +483,13 @@ def test_unloading_the_engine_leaves_no_request_unanswered(tiny_workdir):
                 enable_empty_final_response=True,
             )
             clients.append(client)
-        wait_for(lambda: sum(s["tokens"] > 0 for s in streams) == 8, "8 streams starting")
+        wait_for(lambda: sum(s["tokens"] > 0 for s in streams) == rows, f"{rows} streams starting")
         unload = requests.post(
             f"{server.url}/v2/repository/models/generate_stream/unload", timeout=60
         )
         assert unload.status_code == 200, unload.text
         wait_for(lambda: all(s["final"] for s in streams), "a final response to every stream", 300)
-        assert streams == [{"tokens": 1000, "final": True, "error": None}] * 10
+        assert streams == [{"tokens": 1000, "final": True, "error": None}] * (rows + 2)
         wait_for(
             lambda: requests.get(f"{server.url}/v2/models/generate_stream/ready").status_code
             != 200,
