@@ -502,3 +502,69 @@ def format_summary(
         for r in body
     ]
     return "\n".join(lines)
+
+
+#: The rows a ``generate_stream`` sweep writes (:func:`tutorial.streaming.stream_rows`).
+STREAM_METHODS = ("generate_stream", "ttft", "itl")
+
+
+def streaming_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (target, concurrency) of the streaming rows in ``rows``: ``requests``, ``ttft_ms``
+    and ``itl_ms`` (each ``{"p50", "p95", "p99"}``, ``None`` without a value) and
+    ``tokens_per_s`` (all streamed tokens over the wall time, see :func:`throughput`).
+    Other methods' rows are left out; the order is target, then concurrency."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["method"] in STREAM_METHODS:
+            groups.setdefault((row["target"], row["concurrency"]), []).append(row)
+
+    def percentiles(group: list[dict[str, Any]], method: str) -> dict[str, float] | None:
+        values = [r["latency_ms"] for r in group if r["method"] == method]
+        if not values:
+            return None
+        stats = latency_stats(values)
+        return {q: stats[f"{q}_ms"] for q in ("p50", "p95", "p99")}
+
+    out = []
+    for (target, concurrency), group in sorted(groups.items()):
+        whole = [dict(r, run_id=r.get("run_id")) for r in group if r["method"] == "generate_stream"]
+        out.append(
+            {
+                "target": target,
+                "concurrency": concurrency,
+                "requests": len(whole),
+                "ttft_ms": percentiles(group, "ttft"),
+                "itl_ms": percentiles(group, "itl"),
+                "tokens_per_s": throughput(whole),
+            }
+        )
+    return out
+
+
+def format_streaming_summary(summaries: list[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`streaming_summary`: TTFT and ITL p50 / p95 / p99 in ms and
+    tokens/s per target and concurrency."""
+    header = ("target", "clients", "requests", "TTFT p50/p95/p99 ms", "ITL p50/p95/p99 ms", "tok/s")
+
+    def ms(value: float) -> str:
+        return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+    def triple(p: dict[str, float] | None) -> str:
+        return "-" if p is None else " / ".join(ms(p[q]) for q in ("p50", "p95", "p99"))
+
+    body = [
+        (
+            s["target"],
+            str(s["concurrency"]),
+            str(s["requests"]),
+            triple(s["ttft_ms"]),
+            triple(s["itl_ms"]),
+            "-" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.1f}",
+        )
+        for s in summaries
+    ]
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in body]
+    return "\n".join(lines)
