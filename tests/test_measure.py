@@ -26,7 +26,7 @@ from tutorial.measure import (
     stats_delta,
     triton_target,
 )
-from tutorial.results import RESULT_COLUMNS, read_results, write_results
+from tutorial.results import RESULT_COLUMNS, read_results, streaming_summary, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 ENSEMBLE_PARTS = {"encoder", "gpt2", "decoder"}
@@ -402,6 +402,7 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
         "latency_vs_prompt_length.png",
         "latency_cdf.png",
         "throughput_vs_concurrency.png",
+        "ttft_itl_vs_concurrency.png",
     )
     for name in names:
         assert (plots_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -412,6 +413,23 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
     unbatched = [r for r in rows if r["target"] == "local-cpu-unbatched"]
     assert {(r["sweep"], r["method"]) for r in unbatched} == {("concurrency", "generate")}
     assert sorted(r["concurrency"] for r in unbatched) == [1, 2, 2]
+    # the streaming pass on local-cpu's server: per level, every request's TTFT, its gaps and
+    # its whole stream (4 tokens each, as one stream alone gave)
+    streamed = [r for r in rows if r["method"] in ("generate_stream", "ttft", "itl")]
+    assert {r["target"] for r in streamed} == {"local-cpu"}
+    assert {r["sweep"] for r in streamed} == {"concurrency"}
+    whole = [r for r in streamed if r["method"] == "generate_stream"]
+    assert sorted(r["concurrency"] for r in whole) == [1, 2, 2]
+    assert {r["new_tokens"] for r in whole} == {4}
+    assert sum(r["method"] == "itl" for r in streamed) == 3 * 3
+    summary = streaming_summary(rows)
+    assert [(s["concurrency"], s["requests"]) for s in summary] == [(1, 1), (2, 2)]
+    for s in summary:
+        for metric in ("ttft_ms", "itl_ms"):
+            p = s[metric]
+            assert 0 < p["p50"] <= p["p95"] <= p["p99"], (metric, s)
+        assert s["ttft_ms"]["p50"] < max(r["latency_ms"] for r in whole)
+        assert s["tokens_per_s"] > 0
     executed = nbformat.read(out, as_version=4)
     shown = [
         o
@@ -420,11 +438,12 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
         for o in c.outputs
         if "image/png" in o.get("data", {})
     ]
-    assert len(shown) == 4
+    assert len(shown) == 5
     text = "".join(
         o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs
     )
     assert "3 rows with batching off" in text
+    assert "TTFT p50/p95/p99 ms" in text and "ITL p50/p95/p99 ms" in text  # the table
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert "local-gpu" not in targets
         assert "drawn as 'not measured': ['local-gpu', 'oci-cpu', 'oci-gpu']" in text
