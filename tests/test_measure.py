@@ -4,6 +4,7 @@ in-process model, signed OCI-style requests through the loopback stand-in, and n
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from tutorial.measure import (
     inprocess_target,
     measure_concurrency,
     measure_series,
+    measure_streaming,
     measure_target,
     oci_target,
     parse_model_stats,
@@ -213,6 +215,53 @@ def test_measure_concurrency_runs_only_the_concurrency_sweep(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # against the real local Triton (tiny model)
+
+
+def test_measure_streaming_records_every_level_and_refuses_other_tokens(tmp_path, monkeypatch):
+    import tutorial.streaming
+    from tutorial.model_source import load_tokenizer, save_offline_vocab
+
+    save_offline_vocab(tmp_path)
+    prompts = PromptMaker(load_tokenizer(tmp_path))
+    plan = MeasurementPlan(
+        warmup=1, new_tokens=3, concurrency_levels=(1, 2, 4), concurrency_iterations=2,
+        progress=False,
+    )  # fmt: skip
+    sent: list[tuple[str, str, int]] = []
+    tokens = [5, 6, 7]
+
+    def fake_stream(url, text, max_new_tokens, timeout=600.0):
+        sent.append((url, text, max_new_tokens))
+        now = time.perf_counter()
+        return {"sent": now, "times": [now + 0.01, now + 0.02, now + 0.03], "tokens": list(tokens)}
+
+    monkeypatch.setattr(tutorial.streaming, "timed_stream", fake_stream)
+    target = triton_target("http://127.0.0.1:9", model_variant="int8")
+    run = measure_streaming(target, plan, prompts)
+    # one stream alone and one warm-up (unrecorded), then 1x2, 2x2 and 4x2 recorded streams
+    assert len(sent) == 2 + 14
+    assert set(sent) == {("http://127.0.0.1:9", prompts(10).text, 3)}
+    whole = [r for r in run.rows if r["method"] == "generate_stream"]
+    assert [r["concurrency"] for r in whole] == [1] * 2 + [2] * 4 + [4] * 8
+    assert sum(r["method"] == "ttft" for r in run.rows) == 14
+    assert sum(r["method"] == "itl" for r in run.rows) == 14 * 2
+    assert {(r["target"], r["model_variant"], r["prompt_tokens"]) for r in run.rows} == {
+        ("local-cpu", "int8", 10)
+    }
+    assert run.skipped == []
+
+    tokens = [5, 6, 8]  # the streams now differ from the one alone
+    calls = iter(range(100))
+    monkeypatch.setattr(
+        tutorial.streaming,
+        "timed_stream",
+        lambda *a, **k: dict(fake_stream(*a, **k), tokens=[5, 6, 7] if next(calls) < 2 else tokens),
+    )
+    with pytest.raises(TutorialError, match=r"^local-cpu: 2 of 2 streams at 1 clients gave other"):
+        measure_streaming(target, plan, prompts)
+    oci = oci_target("https://example.invalid/predict", None, name="oci-cpu", shape="VM.X")
+    with pytest.raises(TutorialError, match=r"^oci-cpu: streaming needs a Triton URL"):
+        measure_streaming(oci, plan, prompts)
 
 
 @pytest.fixture(scope="module")
