@@ -460,19 +460,24 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
     targets = {r["target"] for r in rows}
     assert {"local-cpu", "local-cpu-unbatched", "inprocess-cpu"} <= targets
     unbatched = [r for r in rows if r["target"] == "local-cpu-unbatched"]
-    assert {(r["sweep"], r["method"]) for r in unbatched} == {("concurrency", "generate")}
-    assert sorted(r["concurrency"] for r in unbatched) == [1, 2, 2]
-    # the streaming pass on local-cpu's server: per level, every request's TTFT, its gaps and
-    # its whole stream (4 tokens each, as one stream alone gave)
+    assert {(r["sweep"], r["method"]) for r in unbatched} == {
+        ("concurrency", m) for m in ("generate", "generate_stream", "ttft", "itl")
+    }
+    generated = [r for r in unbatched if r["method"] == "generate"]
+    assert sorted(r["concurrency"] for r in generated) == [1, 2, 2]
+    # the streaming pass on both servers: per level, every request's TTFT, its gaps and its
+    # whole stream (4 tokens each, as one stream alone gave)
     streamed = [r for r in rows if r["method"] in ("generate_stream", "ttft", "itl")]
-    assert {r["target"] for r in streamed} == {"local-cpu"}
+    assert {r["target"] for r in streamed} == {"local-cpu", "local-cpu-unbatched"}
     assert {r["sweep"] for r in streamed} == {"concurrency"}
     whole = [r for r in streamed if r["method"] == "generate_stream"]
-    assert sorted(r["concurrency"] for r in whole) == [1, 2, 2]
+    assert sorted(r["concurrency"] for r in whole) == [1, 1, 2, 2, 2, 2]
     assert {r["new_tokens"] for r in whole} == {4}
-    assert sum(r["method"] == "itl" for r in streamed) == 3 * 3
+    assert sum(r["method"] == "itl" for r in streamed) == 6 * 3
     summary = streaming_summary(rows)
-    assert [(s["concurrency"], s["requests"]) for s in summary] == [(1, 1), (2, 2)]
+    assert [(s["target"], s["concurrency"], s["requests"]) for s in summary] == [
+        (t, c, n) for t in ("local-cpu", "local-cpu-unbatched") for c, n in ((1, 1), (2, 2))
+    ]
     for s in summary:
         for metric in ("ttft_ms", "itl_ms"):
             p = s[metric]

@@ -577,6 +577,18 @@ def test_streaming_plot_draws_ttft_and_itl_percentiles_per_level():
     assert "local-gpu p50 (Synthetic A10 (test...)" in labels and "oci-gpu: not measured" in labels
     assert "local-gpu: not measured" not in labels
 
+    # the same server with batching off: labelled against batching on, as in the throughput figure
+    off = [_complete(r) for r in synthetic_stream_rows("local-cpu-unbatched", CPU, levels=(1, 2))]
+    labels = _legend_texts(plots.plot_streaming_vs_concurrency(rows + off).axes[0])
+    assert labels[:6] == [
+        "local-cpu, batching on p50 (Synthetic Xeon 8358...)",
+        "local-cpu, batching on p95",
+        "local-cpu, batching on p99",
+        "local-cpu-unbatched, batching off p50 (Synthetic Xeon 8358...)",
+        "local-cpu-unbatched, batching off p95",
+        "local-cpu-unbatched, batching off p99",
+    ]
+
 
 def test_streaming_plot_without_streams_says_not_measured():
     fig = plots.plot_streaming_vs_concurrency([_complete(r) for r in synthetic_rows()])

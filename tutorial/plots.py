@@ -510,7 +510,8 @@ def plot_streaming_vs_concurrency(
 ) -> Any:
     """TTFT (left) and ITL (right) p50/p95/p99 against the number of concurrent streams, per
     target, from ``generate_stream`` rows (:data:`tutorial.results.STREAM_METHODS`) at their
-    most common prompt length. Targets without streaming rows are listed as "not measured"."""
+    most common prompt length. Targets without streaming rows are listed as "not measured"; a
+    :data:`BATCHING_OFF` target is labelled "batching off" next to its "batching on" one."""
     streamed = [r for r in rows if r["method"] in ("ttft", "itl", "generate_stream")]
     prompt = Counter(r["prompt_tokens"] for r in streamed).most_common(1)
     streamed = [r for r in streamed if prompt and r["prompt_tokens"] == prompt[0][0]]
@@ -527,10 +528,11 @@ def plot_streaming_vs_concurrency(
         device = _short_device(
             _values([r for r in streamed if r["target"] == target], "device_name")[0], 22
         )
+        name = batching_label(target, streamed)
         for method, ax in axes.items():
             points = [(s["concurrency"], s[f"{method}_ms"]) for s in mine if s[f"{method}_ms"]]
             for q, (style, marker, alpha) in PERCENTILE_STYLES.items():
-                label = f"{target} {q}" + (f" ({device})" if q == "p50" else "")
+                label = f"{name} {q}" + (f" ({device})" if q == "p50" else "")
                 ax.plot(
                     [c for c, _ in points], [p[q] for _, p in points], linestyle=style,
                     marker=marker, color=_color(target), alpha=alpha, label=label,
