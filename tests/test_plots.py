@@ -536,9 +536,14 @@ def test_stream_rows_and_their_summary(workdir):
         "ms", "tok/s",
     ]  # fmt: skip
     assert table[4].split() == [
-        "local-cpu", "4", "8", "43.5", "/", "46.6", "/", "46.9", "10", "/", "16", "/", "16",
+        "local-cpu", "4", "8", "43.5", "/", "46.6", "/", "46.9", "10.0", "/", "16.0", "/", "16.0",
         f"{at[4]['tokens_per_s']:.1f}",
     ]  # fmt: skip
+
+
+def _figure_legend(fig) -> list[str]:
+    (legend,) = fig.legends
+    return [t.get_text() for t in legend.get_texts()]
 
 
 def test_streaming_plot_draws_ttft_and_itl_percentiles_per_level():
@@ -553,7 +558,8 @@ def test_streaming_plot_draws_ttft_and_itl_percentiles_per_level():
     title = fig.get_suptitle()
     assert title.startswith("Streaming (generate_stream) against concurrency, prompt 10 tokens")
     assert SYNTHETIC in title and "weights: random-offline" in title
-    labels = _legend_texts(ax_ttft)
+    (legend,) = fig.legends  # one, for both panels
+    labels = [t.get_text() for t in legend.get_texts()]
     assert labels[:3] == ["local-cpu p50 (Synthetic Xeon 8358...)", "local-cpu p95",
                           "local-cpu p99"]  # fmt: skip
     # measured only on local-cpu: the GPU (and OCI) say so, nothing is drawn for them
@@ -573,13 +579,13 @@ def test_streaming_plot_draws_ttft_and_itl_percentiles_per_level():
 
     # a measured GPU gets its own lines and no "not measured"
     gpu = [_complete(r) for r in synthetic_stream_rows("local-gpu", GPU, levels=(1, 2))]
-    labels = _legend_texts(plots.plot_streaming_vs_concurrency(rows + gpu).axes[0])
+    labels = _figure_legend(plots.plot_streaming_vs_concurrency(rows + gpu))
     assert "local-gpu p50 (Synthetic A10 (test...)" in labels and "oci-gpu: not measured" in labels
     assert "local-gpu: not measured" not in labels
 
     # the same server with batching off: labelled against batching on, as in the throughput figure
     off = [_complete(r) for r in synthetic_stream_rows("local-cpu-unbatched", CPU, levels=(1, 2))]
-    labels = _legend_texts(plots.plot_streaming_vs_concurrency(rows + off).axes[0])
+    labels = _figure_legend(plots.plot_streaming_vs_concurrency(rows + off))
     assert labels[:6] == [
         "local-cpu, batching on p50 (Synthetic Xeon 8358...)",
         "local-cpu, batching on p95",
@@ -595,4 +601,4 @@ def test_streaming_plot_without_streams_says_not_measured():
     for ax in fig.axes[:2]:
         assert ax.get_lines() == []
         assert plots.NOT_MEASURED in [t.get_text() for t in ax.texts]
-        assert "local-cpu: not measured" in _legend_texts(ax)
+    assert "local-cpu: not measured" in _figure_legend(fig)

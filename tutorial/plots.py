@@ -510,14 +510,15 @@ def plot_streaming_vs_concurrency(
 ) -> Any:
     """TTFT (left) and ITL (right) p50/p95/p99 against the number of concurrent streams, per
     target, from ``generate_stream`` rows (:data:`tutorial.results.STREAM_METHODS`) at their
-    most common prompt length. Targets without streaming rows are listed as "not measured"; a
-    :data:`BATCHING_OFF` target is labelled "batching off" next to its "batching on" one."""
+    most common prompt length, with one legend beside both panels. Targets without streaming
+    rows are listed there as "not measured"; a :data:`BATCHING_OFF` target is labelled
+    "batching off" next to its "batching on" one."""
     streamed = [r for r in rows if r["method"] in ("ttft", "itl", "generate_stream")]
     prompt = Counter(r["prompt_tokens"] for r in streamed).most_common(1)
     streamed = [r for r in streamed if prompt and r["prompt_tokens"] == prompt[0][0]]
     summaries = streaming_summary(streamed)
     slots = _slots(streamed, expected_targets)
-    fig = _figure(10.0, 4.4)
+    fig = _figure(12.5, 4.4)
     axes = dict(zip(("ttft", "itl"), fig.subplots(1, 2), strict=True))
     missing = []
     for target in slots:
@@ -548,7 +549,14 @@ def plot_streaming_vs_concurrency(
         ax.grid(alpha=0.3)
         if len(missing) == len(slots):
             ax.text(0.5, 0.5, NOT_MEASURED, transform=ax.transAxes, ha="center", color="0.4")
-        _missing_legend(ax, missing)
+    from matplotlib.lines import Line2D
+
+    # one legend for both panels, beside them (the lines would hide under it)
+    handles, labels = axes["ttft"].get_legend_handles_labels()
+    for target in missing:
+        handles.append(Line2D([], [], linestyle="none", marker="x", color="0.6"))
+        labels.append(f"{target}: {NOT_MEASURED}")
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     what = f", prompt {prompt[0][0]} tokens" if prompt else ""
     fig.suptitle(
         f"Streaming (generate_stream) against concurrency{what} (measured)\n"

@@ -548,7 +548,7 @@ def format_streaming_summary(summaries: list[dict[str, Any]]) -> str:
     header = ("target", "clients", "requests", "TTFT p50/p95/p99 ms", "ITL p50/p95/p99 ms", "tok/s")
 
     def ms(value: float) -> str:
-        return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+        return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
     def triple(p: dict[str, float] | None) -> str:
         return "-" if p is None else " / ".join(ms(p[q]) for q in ("p50", "p95", "p99"))
@@ -567,5 +567,10 @@ def format_streaming_summary(summaries: list[dict[str, Any]]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in body]
+    lines += [
+        "  ".join(
+            [r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:], strict=True)]
+        )
+        for r in body
+    ]
     return "\n".join(lines)
