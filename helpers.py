@@ -64,6 +64,7 @@ from tutorial.measure import (  # noqa: F401
     inprocess_target,
     measure_concurrency,
     measure_series,
+    measure_streaming,
     measure_target,
     oci_target,
     triton_target,
@@ -138,6 +139,7 @@ from tutorial.plots import (  # noqa: F401
     plot_latency_bars,
     plot_latency_cdf,
     plot_latency_vs_prompt,
+    plot_streaming_vs_concurrency,
     plot_throughput_vs_concurrency,
 )
 from tutorial.registry import (  # noqa: F401
@@ -177,11 +179,13 @@ from tutorial.repository import (  # noqa: F401
 from tutorial.results import (  # noqa: F401
     RESULT_COLUMNS,
     ResultsError,
+    format_streaming_summary,
     format_summary,
     latency_stats,
     model_label,
     new_run_id,
     read_results,
+    streaming_summary,
     summarize,
     write_results,
 )

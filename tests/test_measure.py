@@ -4,6 +4,7 @@ in-process model, signed OCI-style requests through the loopback stand-in, and n
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from tutorial.measure import (
     inprocess_target,
     measure_concurrency,
     measure_series,
+    measure_streaming,
     measure_target,
     oci_target,
     parse_model_stats,
@@ -26,7 +28,7 @@ from tutorial.measure import (
     stats_delta,
     triton_target,
 )
-from tutorial.results import RESULT_COLUMNS, read_results, write_results
+from tutorial.results import RESULT_COLUMNS, read_results, streaming_summary, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 ENSEMBLE_PARTS = {"encoder", "gpt2", "decoder"}
@@ -213,6 +215,53 @@ def test_measure_concurrency_runs_only_the_concurrency_sweep(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # against the real local Triton (tiny model)
+
+
+def test_measure_streaming_records_every_level_and_refuses_other_tokens(tmp_path, monkeypatch):
+    import tutorial.streaming
+    from tutorial.model_source import load_tokenizer, save_offline_vocab
+
+    save_offline_vocab(tmp_path)
+    prompts = PromptMaker(load_tokenizer(tmp_path))
+    plan = MeasurementPlan(
+        warmup=1, new_tokens=3, concurrency_levels=(1, 2, 4), concurrency_iterations=2,
+        progress=False,
+    )  # fmt: skip
+    sent: list[tuple[str, str, int]] = []
+    tokens = [5, 6, 7]
+
+    def fake_stream(url, text, max_new_tokens, timeout=600.0):
+        sent.append((url, text, max_new_tokens))
+        now = time.perf_counter()
+        return {"sent": now, "times": [now + 0.01, now + 0.02, now + 0.03], "tokens": list(tokens)}
+
+    monkeypatch.setattr(tutorial.streaming, "timed_stream", fake_stream)
+    target = triton_target("http://127.0.0.1:9", model_variant="int8")
+    run = measure_streaming(target, plan, prompts)
+    # one stream alone and one warm-up (unrecorded), then 1x2, 2x2 and 4x2 recorded streams
+    assert len(sent) == 2 + 14
+    assert set(sent) == {("http://127.0.0.1:9", prompts(10).text, 3)}
+    whole = [r for r in run.rows if r["method"] == "generate_stream"]
+    assert [r["concurrency"] for r in whole] == [1] * 2 + [2] * 4 + [4] * 8
+    assert sum(r["method"] == "ttft" for r in run.rows) == 14
+    assert sum(r["method"] == "itl" for r in run.rows) == 14 * 2
+    assert {(r["target"], r["model_variant"], r["prompt_tokens"]) for r in run.rows} == {
+        ("local-cpu", "int8", 10)
+    }
+    assert run.skipped == []
+
+    tokens = [5, 6, 8]  # the streams now differ from the one alone
+    calls = iter(range(100))
+    monkeypatch.setattr(
+        tutorial.streaming,
+        "timed_stream",
+        lambda *a, **k: dict(fake_stream(*a, **k), tokens=[5, 6, 7] if next(calls) < 2 else tokens),
+    )
+    with pytest.raises(TutorialError, match=r"^local-cpu: 2 of 2 streams at 1 clients gave other"):
+        measure_streaming(target, plan, prompts)
+    oci = oci_target("https://example.invalid/predict", None, name="oci-cpu", shape="VM.X")
+    with pytest.raises(TutorialError, match=r"^oci-cpu: streaming needs a Triton URL"):
+        measure_streaming(oci, plan, prompts)
 
 
 @pytest.fixture(scope="module")
@@ -402,6 +451,7 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
         "latency_vs_prompt_length.png",
         "latency_cdf.png",
         "throughput_vs_concurrency.png",
+        "ttft_itl_vs_concurrency.png",
     )
     for name in names:
         assert (plots_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -410,8 +460,30 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
     targets = {r["target"] for r in rows}
     assert {"local-cpu", "local-cpu-unbatched", "inprocess-cpu"} <= targets
     unbatched = [r for r in rows if r["target"] == "local-cpu-unbatched"]
-    assert {(r["sweep"], r["method"]) for r in unbatched} == {("concurrency", "generate")}
-    assert sorted(r["concurrency"] for r in unbatched) == [1, 2, 2]
+    assert {(r["sweep"], r["method"]) for r in unbatched} == {
+        ("concurrency", m) for m in ("generate", "generate_stream", "ttft", "itl")
+    }
+    generated = [r for r in unbatched if r["method"] == "generate"]
+    assert sorted(r["concurrency"] for r in generated) == [1, 2, 2]
+    # the streaming pass on both servers: per level, every request's TTFT, its gaps and its
+    # whole stream (4 tokens each, as one stream alone gave)
+    streamed = [r for r in rows if r["method"] in ("generate_stream", "ttft", "itl")]
+    assert {r["target"] for r in streamed} == {"local-cpu", "local-cpu-unbatched"}
+    assert {r["sweep"] for r in streamed} == {"concurrency"}
+    whole = [r for r in streamed if r["method"] == "generate_stream"]
+    assert sorted(r["concurrency"] for r in whole) == [1, 1, 2, 2, 2, 2]
+    assert {r["new_tokens"] for r in whole} == {4}
+    assert sum(r["method"] == "itl" for r in streamed) == 6 * 3
+    summary = streaming_summary(rows)
+    assert [(s["target"], s["concurrency"], s["requests"]) for s in summary] == [
+        (t, c, n) for t in ("local-cpu", "local-cpu-unbatched") for c, n in ((1, 1), (2, 2))
+    ]
+    for s in summary:
+        for metric in ("ttft_ms", "itl_ms"):
+            p = s[metric]
+            assert 0 < p["p50"] <= p["p95"] <= p["p99"], (metric, s)
+        assert s["ttft_ms"]["p50"] < max(r["latency_ms"] for r in whole)
+        assert s["tokens_per_s"] > 0
     executed = nbformat.read(out, as_version=4)
     shown = [
         o
@@ -420,11 +492,12 @@ def test_notebook_07_writes_and_shows_the_plots(tiny_workdir, tmp_path):
         for o in c.outputs
         if "image/png" in o.get("data", {})
     ]
-    assert len(shown) == 4
+    assert len(shown) == 5
     text = "".join(
         o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs
     )
     assert "3 rows with batching off" in text
+    assert "TTFT p50/p95/p99 ms" in text and "ITL p50/p95/p99 ms" in text  # the table
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert "local-gpu" not in targets
         assert "drawn as 'not measured': ['local-gpu', 'oci-cpu', 'oci-gpu']" in text

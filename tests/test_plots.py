@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tutorial import plots
+from tutorial import plots, results
 from tutorial.results import (
     RESULT_COLUMNS,
     ResultsError,
@@ -464,3 +464,141 @@ def test_copy_for_readme(workdir):
     written = plots.make_all_plots(rows, workdir / "plots")
     copy = plots.copy_for_readme(written, workdir / "images" / "latency_cpu_gpu.png")
     assert copy.read_bytes() == written["latency_bars"].read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming: TTFT and ITL per concurrency level
+
+
+def synthetic_streams(level: int) -> list[dict]:
+    """``2 * level`` synthetic :func:`tutorial.streaming.timed_stream` results (a test fixture,
+    not measurements), in two waves of ``level`` sent 1 s apart; request k: TTFT
+    ``10 * level + k`` ms, then 4 gaps of ``level``, ``2 level``, ``3 level``, ``4 level`` ms."""
+    runs = []
+    for k in range(2 * level):
+        sent = 100.0 + (k // level)
+        first = sent + (10 * level + k) / 1000
+        times = [first + level * j * (j + 1) / 2 / 1000 for j in range(5)]
+        runs.append({"sent": sent, "times": times, "tokens": [7, 8, 9, 10, 11]})
+    return runs
+
+
+def synthetic_stream_rows(target="local-cpu", device=CPU, levels=(1, 2, 4)) -> list[dict]:
+    from tutorial.streaming import stream_rows
+
+    rows = []
+    for level in levels:
+        for row in stream_rows(
+            synthetic_streams(level), target=target, model_variant="fp32", device_name=device,
+            shape="local", prompt_tokens=10, concurrency=level,
+        ):  # fmt: skip
+            rows.append(
+                dict(
+                    row,
+                    model="synthetic test data",
+                    weights="random-offline",
+                    notes=f"{SYNTHETIC}: {row['notes']}",
+                )
+            )
+    return rows
+
+
+def test_stream_rows_and_their_summary(workdir):
+    rows = synthetic_stream_rows()
+    # per request: its whole stream, its TTFT and one ITL row per gap (5 tokens, 4 gaps)
+    assert [r["method"] for r in rows[:6]] == ["generate_stream", "ttft"] + ["itl"] * 4
+    assert len(rows) == 6 * (2 + 4 + 8)
+    ttft_at_4 = [r["latency_ms"] for r in rows if r["method"] == "ttft" and r["concurrency"] == 4]
+    assert ttft_at_4 == pytest.approx([40, 41, 42, 43, 44, 45, 46, 47])
+    whole = [r for r in rows if r["method"] == "generate_stream"]
+    assert {r["new_tokens"] for r in whole} == {5}
+    assert whole[0]["latency_ms"] == pytest.approx(10 + 10)  # TTFT 10 ms + gaps 1+2+3+4 ms
+
+    back = read_results(write_results(rows, workdir / "streams.csv"))
+    summary = results.streaming_summary(back + read_results(write_results(
+        [synthetic_row()], workdir / "other.csv")))  # fmt: skip
+    assert [(s["target"], s["concurrency"], s["requests"]) for s in summary] == [
+        ("local-cpu", 1, 2),
+        ("local-cpu", 2, 4),
+        ("local-cpu", 4, 8),
+    ]  # the generate row is not a stream's
+    at = {s["concurrency"]: s for s in summary}
+    assert at[4]["ttft_ms"] == pytest.approx({"p50": 43.5, "p95": 46.65, "p99": 46.93})
+    assert at[2]["ttft_ms"] == pytest.approx({"p50": 21.5, "p95": 22.85, "p99": 22.97})
+    # the gaps: a quarter each of L, 2L, 3L and 4L ms
+    assert at[4]["itl_ms"] == pytest.approx({"p50": 10.0, "p95": 16.0, "p99": 16.0})
+    # one at a time: 10 tokens over 20 + 21 ms; two waves 1 s apart: 20 tokens over 1.043 s
+    assert at[1]["tokens_per_s"] == pytest.approx(10 / 0.041, rel=1e-3)
+    assert at[2]["tokens_per_s"] == pytest.approx(20 / 1.043, rel=1e-3)
+    table = results.format_streaming_summary(summary).splitlines()
+    assert table[0].split() == [
+        "target", "clients", "requests", "TTFT", "p50/p95/p99", "ms", "ITL", "p50/p95/p99",
+        "ms", "tok/s",
+    ]  # fmt: skip
+    assert table[4].split() == [
+        "local-cpu", "4", "8", "43.5", "/", "46.6", "/", "46.9", "10.0", "/", "16.0", "/", "16.0",
+        f"{at[4]['tokens_per_s']:.1f}",
+    ]  # fmt: skip
+
+
+def _figure_legend(fig) -> list[str]:
+    (legend,) = fig.legends
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def test_streaming_plot_draws_ttft_and_itl_percentiles_per_level():
+    rows = [_complete(r) for r in synthetic_stream_rows() + synthetic_rows(("local-cpu",))]
+    fig = plots.plot_streaming_vs_concurrency(rows)
+    ax_ttft, ax_itl = fig.axes[:2]
+    assert ax_ttft.get_title() == "time to first token (TTFT)"
+    assert ax_itl.get_title().startswith("inter-token latency (ITL)")
+    assert ax_ttft.get_xlabel() == "concurrent streams"
+    assert ax_ttft.get_ylabel().startswith("TTFT (ms)")
+    assert ax_itl.get_ylabel().startswith("ITL (ms)")
+    title = fig.get_suptitle()
+    assert title.startswith("Streaming (generate_stream) against concurrency, prompt 10 tokens")
+    assert SYNTHETIC in title and "weights: random-offline" in title
+    (legend,) = fig.legends  # one, for both panels
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[:3] == ["local-cpu p50 (Synthetic Xeon 8358...)", "local-cpu p95",
+                          "local-cpu p99"]  # fmt: skip
+    # measured only on local-cpu: the GPU (and OCI) say so, nothing is drawn for them
+    assert labels[3:] == [
+        "local-gpu: not measured",
+        "oci-cpu: not measured",
+        "oci-gpu: not measured",
+    ]
+    lines = {line.get_label(): line for line in ax_ttft.get_lines()}
+    p50, p99 = lines["local-cpu p50 (Synthetic Xeon 8358...)"], lines["local-cpu p99"]
+    assert list(p50.get_xdata()) == [1, 2, 4]
+    assert list(p50.get_ydata()) == pytest.approx([10.5, 21.5, 43.5])
+    assert list(p99.get_ydata()) == pytest.approx([10.99, 22.97, 46.93])
+    itl_p50 = [line for line in ax_itl.get_lines() if line.get_label().startswith("local-cpu p50")]
+    assert list(itl_p50[0].get_ydata()) == pytest.approx([2.5, 5.0, 10.0])
+    assert len(ax_ttft.get_lines()) == len(ax_itl.get_lines()) == 3
+
+    # a measured GPU gets its own lines and no "not measured"
+    gpu = [_complete(r) for r in synthetic_stream_rows("local-gpu", GPU, levels=(1, 2))]
+    labels = _figure_legend(plots.plot_streaming_vs_concurrency(rows + gpu))
+    assert "local-gpu p50 (Synthetic A10 (test...)" in labels and "oci-gpu: not measured" in labels
+    assert "local-gpu: not measured" not in labels
+
+    # the same server with batching off: labelled against batching on, as in the throughput figure
+    off = [_complete(r) for r in synthetic_stream_rows("local-cpu-unbatched", CPU, levels=(1, 2))]
+    labels = _figure_legend(plots.plot_streaming_vs_concurrency(rows + off))
+    assert labels[:6] == [
+        "local-cpu, batching on p50 (Synthetic Xeon 8358...)",
+        "local-cpu, batching on p95",
+        "local-cpu, batching on p99",
+        "local-cpu-unbatched, batching off p50 (Synthetic Xeon 8358...)",
+        "local-cpu-unbatched, batching off p95",
+        "local-cpu-unbatched, batching off p99",
+    ]
+
+
+def test_streaming_plot_without_streams_says_not_measured():
+    fig = plots.plot_streaming_vs_concurrency([_complete(r) for r in synthetic_rows()])
+    for ax in fig.axes[:2]:
+        assert ax.get_lines() == []
+        assert plots.NOT_MEASURED in [t.get_text() for t in ax.texts]
+    assert "local-cpu: not measured" in _figure_legend(fig)

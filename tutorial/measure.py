@@ -887,3 +887,63 @@ def _measure(
     finally:
         bar.close()
     return TargetRun(target.name, rows, series, skipped)
+
+
+def measure_streaming(
+    target: HttpTarget, plan: MeasurementPlan | None = None, prompts: PromptMaker | None = None
+) -> TargetRun:
+    """The concurrency sweep again, streamed through ``generate_stream`` (server-sent events):
+    at each of ``plan.concurrency_levels``, that many client threads each stream
+    ``plan.concurrency_iterations`` requests of the reference prompt, ``plan.new_tokens`` new
+    tokens each (:func:`tutorial.streaming.run_clients`). Rows: ``generate_stream``, ``ttft``
+    and ``itl`` (:func:`tutorial.streaming.stream_rows`).
+
+    Every stream must give the tokens of one stream alone (sent first, unrecorded, with
+    ``plan.warmup`` more); levels after ``plan.max_total_seconds`` are skipped.
+    """
+    from tqdm.auto import tqdm
+
+    from tutorial.streaming import run_clients, stream_rows, timed_stream
+
+    if not target.base_url:
+        raise TutorialError(f"{target.name}: streaming needs a Triton URL (generate_stream).")
+    plan = plan or MeasurementPlan()
+    prompts = prompts or PromptMaker.from_workdir()
+    prompt = prompts(plan.prompt_tokens)
+
+    def stream() -> dict:
+        return timed_stream(target.base_url, prompt.text, plan.new_tokens, timeout=target.timeout_s)
+
+    alone = [stream()["tokens"] for _ in range(1 + plan.warmup)][0]
+    deadline = time.perf_counter() + plan.max_total_seconds
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    total = sum(level * plan.concurrency_iterations for level in plan.concurrency_levels)
+    bar = tqdm(total=total, desc=f"{target.name} stream", unit="stream", disable=not plan.progress)
+
+    def recorded(_client: int, _i: int) -> dict:
+        out = stream()
+        bar.update(1)
+        return out
+
+    try:
+        for level in plan.concurrency_levels:
+            if time.perf_counter() > deadline:
+                skipped.append(f"generate_stream c={level}: over max_total_seconds")
+                continue
+            bar.set_postfix_str(f"c={level}")
+            runs = run_clients(recorded, level, plan.concurrency_iterations)
+            off = sum(r["tokens"] != alone for r in runs)
+            if off:
+                raise TutorialError(
+                    f"{target.name}: {off} of {len(runs)} streams at {level} clients gave other "
+                    "tokens than one stream alone; batching must not change greedy tokens."
+                )
+            rows += stream_rows(
+                runs, target=target.name, model_variant=target.model_variant,
+                device_name=target.device_name, shape=target.shape,
+                prompt_tokens=prompt.tokens, concurrency=level,
+            )  # fmt: skip
+    finally:
+        bar.close()
+    return TargetRun(target.name, rows, [], skipped)

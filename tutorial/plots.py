@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tutorial.results import ResultsError, latency_stats, throughput
+from tutorial.results import ResultsError, latency_stats, streaming_summary, throughput
 
 #: The targets every figure has a slot for, CPU and GPU side by side.
 DEFAULT_TARGETS: tuple[str, ...] = ("local-cpu", "local-gpu", "oci-cpu", "oci-gpu")
@@ -49,6 +49,8 @@ METHOD_TITLES = {
     "generate": "generate",
     "decode_token": "decode: time per new token",
     "prefill": "prefill",
+    "ttft": "time to first token (TTFT)",
+    "itl": "inter-token latency (ITL): gaps between token events",
 }
 NOT_MEASURED = "not measured"
 SYNTHETIC_MARK = "SYNTHETIC TEST DATA"
@@ -57,6 +59,7 @@ PLOT_FILES = {
     "latency_vs_prompt": "latency_vs_prompt_length.png",
     "latency_cdf": "latency_cdf.png",
     "throughput_vs_concurrency": "throughput_vs_concurrency.png",
+    "streaming_vs_concurrency": "ttft_itl_vs_concurrency.png",
 }
 
 
@@ -498,6 +501,71 @@ def plot_throughput_vs_concurrency(
     return fig
 
 
+#: How each percentile is drawn in :func:`plot_streaming_vs_concurrency`.
+PERCENTILE_STYLES = {"p50": ("-", "o", 1.0), "p95": ("--", "^", 0.7), "p99": (":", "v", 0.5)}
+
+
+def plot_streaming_vs_concurrency(
+    rows: list[dict[str, Any]], expected_targets: Iterable[str] = DEFAULT_TARGETS
+) -> Any:
+    """TTFT (left) and ITL (right) p50/p95/p99 against the number of concurrent streams, per
+    target, from ``generate_stream`` rows (:data:`tutorial.results.STREAM_METHODS`) at their
+    most common prompt length, with one legend beside both panels. Targets without streaming
+    rows are listed there as "not measured"; a :data:`BATCHING_OFF` target is labelled
+    "batching off" next to its "batching on" one."""
+    streamed = [r for r in rows if r["method"] in ("ttft", "itl", "generate_stream")]
+    prompt = Counter(r["prompt_tokens"] for r in streamed).most_common(1)
+    streamed = [r for r in streamed if prompt and r["prompt_tokens"] == prompt[0][0]]
+    summaries = streaming_summary(streamed)
+    slots = _slots(streamed, expected_targets)
+    fig = _figure(12.5, 4.4)
+    axes = dict(zip(("ttft", "itl"), fig.subplots(1, 2), strict=True))
+    missing = []
+    for target in slots:
+        mine = [s for s in summaries if s["target"] == target]
+        if not mine:
+            missing.append(target)
+            continue
+        device = _short_device(
+            _values([r for r in streamed if r["target"] == target], "device_name")[0], 22
+        )
+        name = batching_label(target, streamed)
+        for method, ax in axes.items():
+            points = [(s["concurrency"], s[f"{method}_ms"]) for s in mine if s[f"{method}_ms"]]
+            for q, (style, marker, alpha) in PERCENTILE_STYLES.items():
+                label = f"{name} {q}" + (f" ({device})" if q == "p50" else "")
+                ax.plot(
+                    [c for c, _ in points], [p[q] for _, p in points], linestyle=style,
+                    marker=marker, color=_color(target), alpha=alpha, label=label,
+                )  # fmt: skip
+    all_levels = sorted({r["concurrency"] for r in streamed}) or [1]
+    for method, ax in axes.items():
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_levels)
+        _plain_log_axis(ax.xaxis)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(f"{method.upper()} (ms), client side: p50, p95, p99")
+        ax.set_title(METHOD_TITLES[method], fontsize=9)
+        ax.grid(alpha=0.3)
+        if len(missing) == len(slots):
+            ax.text(0.5, 0.5, NOT_MEASURED, transform=ax.transAxes, ha="center", color="0.4")
+    from matplotlib.lines import Line2D
+
+    # one legend for both panels, beside them (the lines would hide under it)
+    handles, labels = axes["ttft"].get_legend_handles_labels()
+    for target in missing:
+        handles.append(Line2D([], [], linestyle="none", marker="x", color="0.6"))
+        labels.append(f"{target}: {NOT_MEASURED}")
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    what = f", prompt {prompt[0][0]} tokens" if prompt else ""
+    fig.suptitle(
+        f"Streaming (generate_stream) against concurrency{what} (measured)\n"
+        + describe_rows(streamed or rows),
+        fontsize=10,
+    )
+    return fig
+
+
 def figure_texts(fig: Any) -> list[str]:
     """Every text string drawn on a figure (titles, labels, legends, annotations)."""
     from matplotlib.text import Text
@@ -520,7 +588,7 @@ def make_all_plots(
     model: str | None = None,
     model_variant: str | None = None,
 ) -> dict[str, Path]:
-    """Write the four latency figures as PNG files under ``out_dir``; return their paths.
+    """Write the five latency figures as PNG files under ``out_dir``; return their paths.
 
     Rows are narrowed to one model (``model``, else the one with most rows) and one variant
     (``model_variant``, else fp32 when present) so a figure never mixes them.
@@ -537,6 +605,7 @@ def make_all_plots(
         "latency_vs_prompt": plot_latency_vs_prompt(rows, expected),
         "latency_cdf": plot_latency_cdf(rows, expected),
         "throughput_vs_concurrency": plot_throughput_vs_concurrency(rows, expected),
+        "streaming_vs_concurrency": plot_streaming_vs_concurrency(rows, expected),
     }
     return {name: save_figure(fig, out_dir / PLOT_FILES[name]) for name, fig in figures.items()}
 

@@ -25,7 +25,8 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "run_id",  # one id per write_results call unless given: rows of one run share it
     "timestamp",  # UTC, ISO 8601, when the rows were written
     "target",  # where it ran: local-cpu, local-gpu, inprocess-cpu, oci-cpu, oci-gpu, ...
-    "method",  # ensemble_next_token, generate, decode_token, prefill, seed_client_loop, ...
+    "method",  # ensemble_next_token, generate, decode_token, prefill, seed_client_loop,
+    # generate_stream, ttft, itl (streaming: tutorial.streaming.stream_rows), ...
     "model",  # which network: "gpt2 124M", "tiny test model (n_layer=2, ...)", ...
     "model_variant",  # fp32 | int8
     "weights",  # real | random-offline
@@ -498,6 +499,77 @@ def format_summary(
     lines += [
         "  ".join(
             v.rjust(w) if num else v.ljust(w) for v, w, num in zip(r, widths, numeric, strict=True)
+        )
+        for r in body
+    ]
+    return "\n".join(lines)
+
+
+#: The rows a ``generate_stream`` sweep writes (:func:`tutorial.streaming.stream_rows`).
+STREAM_METHODS = ("generate_stream", "ttft", "itl")
+
+
+def streaming_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (target, concurrency) of the streaming rows in ``rows``: ``requests``, ``ttft_ms``
+    and ``itl_ms`` (each ``{"p50", "p95", "p99"}``, ``None`` without a value) and
+    ``tokens_per_s`` (all streamed tokens over the wall time, see :func:`throughput`).
+    Other methods' rows are left out; the order is target, then concurrency."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["method"] in STREAM_METHODS:
+            groups.setdefault((row["target"], row["concurrency"]), []).append(row)
+
+    def percentiles(group: list[dict[str, Any]], method: str) -> dict[str, float] | None:
+        values = [r["latency_ms"] for r in group if r["method"] == method]
+        if not values:
+            return None
+        stats = latency_stats(values)
+        return {q: stats[f"{q}_ms"] for q in ("p50", "p95", "p99")}
+
+    out = []
+    for (target, concurrency), group in sorted(groups.items()):
+        whole = [dict(r, run_id=r.get("run_id")) for r in group if r["method"] == "generate_stream"]
+        out.append(
+            {
+                "target": target,
+                "concurrency": concurrency,
+                "requests": len(whole),
+                "ttft_ms": percentiles(group, "ttft"),
+                "itl_ms": percentiles(group, "itl"),
+                "tokens_per_s": throughput(whole),
+            }
+        )
+    return out
+
+
+def format_streaming_summary(summaries: list[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`streaming_summary`: TTFT and ITL p50 / p95 / p99 in ms and
+    tokens/s per target and concurrency."""
+    header = ("target", "clients", "requests", "TTFT p50/p95/p99 ms", "ITL p50/p95/p99 ms", "tok/s")
+
+    def ms(value: float) -> str:
+        return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+    def triple(p: dict[str, float] | None) -> str:
+        return "-" if p is None else " / ".join(ms(p[q]) for q in ("p50", "p95", "p99"))
+
+    body = [
+        (
+            s["target"],
+            str(s["concurrency"]),
+            str(s["requests"]),
+            triple(s["ttft_ms"]),
+            triple(s["itl_ms"]),
+            "-" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.1f}",
+        )
+        for s in summaries
+    ]
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "  ".join(
+            [r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:], strict=True)]
         )
         for r in body
     ]

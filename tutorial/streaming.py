@@ -94,3 +94,49 @@ def run_clients(
     if errors:
         raise RuntimeError(f"{len(errors)} of the calls failed; the first: {errors[0]!r}")
     return results
+
+
+def stream_rows(
+    runs: list[dict],
+    *,
+    target: str,
+    model_variant: str,
+    device_name: str | None,
+    shape: str,
+    prompt_tokens: int,
+    concurrency: int,
+    sweep: str = "concurrency",
+) -> list[dict[str, Any]]:
+    """Rows for :func:`tutorial.results.write_results` from :func:`timed_stream` results, in
+    the order they were sent: per request one ``generate_stream`` row (sent to the last token
+    event, with its token count) and one ``ttft`` row, and one ``itl`` row per gap between
+    token events. A request without a token gives no row."""
+    clock = time.time() - time.perf_counter()  # perf_counter seconds -> epoch seconds
+    rows: list[dict[str, Any]] = []
+    for i, run in enumerate(sorted((r for r in runs if r["times"]), key=lambda r: r["sent"])):
+        common = {
+            "target": target,
+            "model_variant": model_variant,
+            "device_name": device_name,
+            "shape": shape,
+            "sweep": sweep,
+            "prompt_tokens": prompt_tokens,
+            "concurrency": concurrency,
+            "iteration": i,
+        }
+        sent, times = run["sent"], run["times"]
+        rows.append(
+            dict(common, method="generate_stream", new_tokens=len(run["tokens"]),
+                 started_at=clock + sent, latency_ms=1000 * (times[-1] - sent),
+                 notes="generate_stream over HTTP: from sending to the last token event")
+        )  # fmt: skip
+        rows.append(
+            dict(common, method="ttft", new_tokens=1, latency_ms=1000 * (times[0] - sent),
+                 notes="time to first token: from sending to the first token event")
+        )  # fmt: skip
+        rows += [
+            dict(common, method="itl", new_tokens=1, latency_ms=1000 * float(gap),
+                 notes="inter-token latency: the gap between two token events")
+            for gap in np.diff(times)
+        ]  # fmt: skip
+    return rows
