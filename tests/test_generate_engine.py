@@ -87,6 +87,12 @@ def run_jobs(module, runner, jobs, max_batch, context=64, fits=lambda rows, toke
     engine = module.Engine(
         runner, [1, 2, 1, 1, 0, 1], EOS, context, max_batch, 0.0, fits, prefill_chunk=chunk
     )
+    return run_engine(module, engine, jobs)
+
+
+def run_engine(module, engine, jobs):
+    """``jobs`` (prompt, max_new) submitted to ``engine`` before it starts; each job's tokens
+    (or its error) once all finish, and the engine stopped."""
     done = threading.Event()
     results = {}
 
@@ -305,26 +311,7 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(module):
         runner, [1, 2, 1, 1, 0, 1], EOS, 64, 8, 0.0, lambda r, t: True, deltas.append, 4
     )
     jobs = [([5, 6, 7], 30), ([4, 5], 30), (list(range(30, 50)), 10)]  # no end of text
-    results, done = {}, threading.Event()
-
-    def job(i, prompt, max_new):
-        tokens = []
-
-        def finish(error):
-            results[i] = error or tokens
-            if len(results) == len(jobs):
-                done.set()
-
-        return module.Job(prompt, max_new, tokens.append, finish)
-
-    for i, (prompt, max_new) in enumerate(jobs):
-        engine.submit(job(i, prompt, max_new))
-    engine.start()
-    try:
-        assert done.wait(timeout=30)
-    finally:
-        engine.stop()
-    assert [results[i] for i in range(3)] == run_jobs(module, MixingRunner(), jobs, 1)
+    assert run_engine(module, engine, jobs) == run_jobs(module, MixingRunner(), jobs, 1)
     assert runner.calls[:3] == [
         (2, 3, 0),  # the two short prompts, one call (the shorter padded on the left)
         (1, 4, 0),  # the long prompt's first chunk, with an empty cache
@@ -535,26 +522,8 @@ def test_chunks_sized_to_a_share_of_a_decode_step(module, share):
         prefill_chunk=64, chunk_share=share, clock=runner.clock,
     )  # fmt: skip
     jobs = [([5, 6, 7], 40), ([4, 5], 40), (list(range(4, 94)) + list(range(4, 14)), 5)]
-    results, done = {}, threading.Event()
-
-    def job(i, prompt, max_new):
-        tokens = []
-
-        def finish(error):
-            results[i] = error or tokens
-            if len(results) == len(jobs):
-                done.set()
-
-        return module.Job(prompt, max_new, tokens.append, finish)
-
-    for i, (prompt, max_new) in enumerate(jobs):
-        engine.submit(job(i, prompt, max_new))
-    engine.start()
-    try:
-        assert done.wait(timeout=30)
-    finally:
-        engine.stop()
-    assert [results[i] for i in range(3)] == run_jobs(module, MixingRunner(), jobs, 1, context=256)
+    alone = run_jobs(module, MixingRunner(), jobs, 1, context=256)
+    assert run_engine(module, engine, jobs) == alone
     chunks = [new for rows, new in runner.calls if rows == 1 and new > 1]
     assert runner.calls[0] == (2, 3)  # the two short prompts, one call
     assert sum(chunks) == 100
