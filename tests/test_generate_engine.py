@@ -82,6 +82,19 @@ class MixingRunner:
         return logits, present
 
 
+class SlowRunner(MixingRunner):
+    """MixingRunner whose calls signal ``started`` and then wait for ``release``."""
+
+    def __init__(self, started, release):
+        super().__init__()
+        self.started, self.release = started, release
+
+    def run(self, ids, mask, past):
+        self.started.set()
+        self.release.wait(timeout=30)
+        return super().run(ids, mask, past)
+
+
 def run_jobs(module, runner, jobs, max_batch, context=64, fits=lambda rows, tokens: True, chunk=0):
     """Submit every job at once; return each job's tokens (or its error) once all finish."""
     engine = module.Engine(
@@ -243,14 +256,10 @@ def test_stopping_answers_every_request_in_flight_or_queued(module):
     """Unloading: the requests in the batch, those waiting for a row and those still queued
     each get an error; none is left without an answer, and a late one is refused at once."""
 
-    class SlowRunner(MixingRunner):
-        def run(self, ids, mask, past):
-            started.set()
-            release.wait(timeout=30)
-            return super().run(ids, mask, past)
-
     started, release = threading.Event(), threading.Event()
-    engine = module.Engine(SlowRunner(), [1, 2, 1, 1, 0, 1], EOS, 64, 2, 0.0, lambda r, t: True)
+    engine = module.Engine(
+        SlowRunner(started, release), [1, 2, 1, 1, 0, 1], EOS, 64, 2, 0.0, lambda r, t: True
+    )
     answers = []
     jobs = [module.Job([10 + i], 50, lambda t: None, answers.append) for i in range(5)]
     engine.start()
@@ -370,15 +379,16 @@ def test_stopping_answers_requests_being_prefilled_in_chunks(module):
     """Unloading while a long prompt is half prefilled and another waits for its chunks:
     each gets an error, none is left without an answer."""
 
-    class SlowRunner(MixingRunner):
-        def run(self, ids, mask, past):
-            started.set()
-            release.wait(timeout=30)
-            return super().run(ids, mask, past)
-
     started, release = threading.Event(), threading.Event()
     engine = module.Engine(
-        SlowRunner(), [1, 2, 1, 1, 0, 1], EOS, 64, 4, 0.0, lambda r, t: True, prefill_chunk=4
+        SlowRunner(started, release),
+        [1, 2, 1, 1, 0, 1],
+        EOS,
+        64,
+        4,
+        0.0,
+        lambda r, t: True,
+        prefill_chunk=4,
     )
     answers = []
     jobs = [module.Job(list(range(10, 30)), 50, lambda t: None, answers.append)]
