@@ -19,9 +19,17 @@ weights, so sizes and speeds are the member's and the text is not), then
   against the in-process fp32 loop's, and the server's resident memory (every process) once
   ``ensemble_model``, ``generate`` and ``generate_stream`` have each answered.
 
-Every figure lands in ``<root>/family.json`` as it is measured, and the table in
-``docs/family.md`` (``--out``) is rewritten from it after each member: a member that fails
-(out of memory, say) is written with its error, and the others still run.
+Every figure lands in ``docs/family.json`` (``--results``, kept in git so that a run of one
+member adds its row to the others') as it is measured, and the table in ``docs/family.md``
+(``--out``) is rewritten from it after each member: a member that fails (out of memory, say)
+is written with its error, and the others still run.
+
+Disk: the notebooks keep every intermediate (the TensorFlow checkpoint, four ONNX files, the
+repository and the zip): about 11 times the fp32 weights, 70 GB for gpt2-xl. ``--prune`` deletes
+what no later step reads (the checkpoint and the full-sequence ONNX after notebook 02, the
+repository folder after notebook 03's zip, the ONNX files and the zip once the member is
+measured) and the row records the disk each step took, so the total a learner needs without
+pruning is still measured.
 """
 
 from __future__ import annotations
@@ -49,10 +57,41 @@ DEFAULT_MEMBERS = ("distilgpt2", "gpt2", "gpt2-medium")
 PROMPT = "My dog is cute, but he barks a lot."
 
 
-def run_notebooks(work: Path, member: str, reuse: bool = False) -> dict[str, float]:
+def folder_gb(path: Path) -> float:
+    """The bytes under ``path`` (a file or a folder), in GB."""
+    if path.is_file():
+        return path.stat().st_size / 1e9
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+
+
+def prune(work: Path, after: str) -> dict[str, float]:
+    """Delete, after notebook ``after``, what no later step reads; return the GB each part took
+    (measured before deleting it)."""
+    import shutil
+
+    state = json.loads((work / "state.json").read_text())
+    taken: dict[str, float] = {}
+    if after == "02_export_onnx":
+        model_dir = Path(state["model"]["model_dir"])
+        taken["checkpoint"] = folder_gb(model_dir)
+        taken["onnx"] = folder_gb(Path(state["onnx"]["with_past"]).parent)
+        shutil.rmtree(model_dir)
+        for f in onnx_files(Path(state["onnx"]["full"])):
+            f.unlink()
+    elif after == "03_model_repository":
+        taken["repository"] = folder_gb(work / "model_repository")
+        taken["zip"] = folder_gb(work / "model_artifact.zip")
+        shutil.rmtree(work / "model_repository")
+    return taken
+
+
+def run_notebooks(
+    work: Path, member: str, reuse: bool = False, pruned: dict[str, float] | None = None
+) -> dict[str, float]:
     """Notebooks 01-03 on ``member``'s offline stand-in in ``work``; seconds per notebook.
     ``reuse``: where notebook 02 already exported into ``work``, run notebook 03 only (the
-    repository and zip from the current code; the export's figures stay those measured)."""
+    repository and zip from the current code; the export's figures stay those measured).
+    ``pruned``: a dict to fill with :func:`prune`'s figures, pruning after notebooks 02 and 03."""
     env = {**os.environ, "TUTORIAL_WORKDIR": str(work), "MODEL_SOURCE": "offline"}
     env["MODEL_ID"] = member
     seconds = {}
@@ -71,6 +110,8 @@ def run_notebooks(work: Path, member: str, reuse: bool = False) -> dict[str, flo
         if out.returncode:
             raise RuntimeError(f"{name} failed: {out.stderr[-1500:]}")
         seconds[name] = round(time.monotonic() - start, 1)
+        if pruned is not None:
+            pruned.update(prune(work, name))
     return seconds
 
 
@@ -108,12 +149,25 @@ def serve(zip_path: Path, tokens: int) -> dict[str, Any]:
 
 
 def measure(
-    member: str, root: Path, steps: int, bandwidth: float, reuse: bool = False
+    member: str,
+    root: Path,
+    steps: int,
+    bandwidth: float,
+    reuse: bool = False,
+    pruning: bool = False,
 ) -> dict[str, Any]:
     from tutorial.model_source import load_tokenizer
 
     work = root / member
-    row: dict[str, Any] = {"member": member, "notebooks_s": run_notebooks(work, member, reuse)}
+    pruned: dict[str, float] | None = {} if pruning else None
+    row: dict[str, Any] = {
+        "member": member,
+        "when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "bandwidth_gbs": bandwidth / 1e9,
+        "notebooks_s": run_notebooks(work, member, reuse, pruned),
+    }
+    if pruned:
+        row["disk_gb"] = pruned
     state = json.loads((work / "state.json").read_text())
     model, onnx = state["model"], state["onnx"]
     size = sizes.sizes_of(model)
@@ -122,6 +176,10 @@ def measure(
     row["export"] = {
         k: {"s": v["seconds"], "peak_gb": max(v["peak_rss"], v["max_rss"]) / 1e9}
         for k, v in onnx["export_stages"].items()
+    }
+    row["checks"] = {
+        k: {"s": v["seconds"], "peak_gb": max(v["peak_rss"], v["max_rss"]) / 1e9}
+        for k, v in onnx.get("check_stages", {}).items()
     }
     row["tokens_equal_transformers"] = onnx["greedy_tokens_equal"]
     row["onnx_fp32_mb"] = sum(p.stat().st_size for p in onnx_files(onnx["with_past"])) / 1e6
@@ -136,9 +194,14 @@ def measure(
         row[variant] = {"ms": ms, "floor_ms": floor, "ratio": ms / floor}
         if variant == "fp32":
             reference = tokens[:20]
-    served = serve(work / "model_artifact.zip", 20)
+    served = serve(work / "model_artifact.zip", len(reference))
     row["server_gb"] = served["memory"] / 1e9
     row["served_tokens_equal"] = served["tokens"] == reference
+    if pruning:  # the member measured: its ONNX files and zip go too (state.json stays)
+        import shutil
+
+        shutil.rmtree(Path(onnx["with_past"]).parent)
+        (work / "model_artifact.zip").unlink()
     return row
 
 
@@ -156,29 +219,37 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "`generate` and `generate_stream` have answered. Floors: the bytes a decode step reads "
         "over the matvec bandwidth. Export figures are those of each member's own export "
         "(`--reuse` keeps them: notebook 02's `export_stages` in the member's `state.json`); "
-        "the rest is measured in this run.",
+        "the rest is measured in the row's run (its time in the last column). "
+        "02 peak: the largest child of notebook 02 (export stages and checks, resident memory). "
+        "Disk: the checkpoint, the ONNX files, the repository and the zip, which notebooks 01-03 "
+        "keep (`--prune` runs delete them as soon as no later step reads them and measure them "
+        "first); the served test unpacks the zip once more.",
         "",
         "| member | layers x heads x head | params | export s (trace / convert / assemble) "
-        "| export peak GB | ONNX fp32 / int8 MB | zip MB | server GB | fp32 ms/token (floor) "
-        "| int8 ms/token (floor) | tokens = transformers / served |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| 02 peak GB (stage) | ONNX fp32 / int8 MB | zip MB | disk GB | server GB "
+        "| fp32 ms/token (floor) | int8 ms/token (floor) | tokens = transformers / served "
+        "| measured (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             error = " ".join(r["error"].split()).replace("|", "/")
-            lines.append(f"| {r['member']} | {error} |" + " |" * 9)
+            lines.append(f"| {r['member']} | {error} |" + " |" * 10 + f" {r.get('when', '')} |")
             continue
         ex = r["export"]
         secs = " / ".join(f"{ex[k]['s']:.0f}" for k in ("trace", "convert", "assemble"))
-        peak = max(v["peak_gb"] for v in ex.values())
+        stages = {**ex, **r.get("checks", {})}
+        largest = max(stages, key=lambda k: stages[k]["peak_gb"])
+        peak = f"{stages[largest]['peak_gb']:.1f} ({largest})"
+        disk = f"{sum(r['disk_gb'].values()):.1f}" if "disk_gb" in r else "-"
         lines.append(
-            f"| {r['member']} | {r['dims']} | {r['parameters'] / 1e6:.0f}M | {secs} | {peak:.1f} "
+            f"| {r['member']} | {r['dims']} | {r['parameters'] / 1e6:.0f}M | {secs} | {peak} "
             f"| {r['onnx_fp32_mb']:,.0f}{' (external data)' if r['external_data'] else ''} / "
-            f"{r['onnx_int8_mb']:,.0f} | {r['zip_mb']:,.0f} | {r['server_gb']:.1f} "
+            f"{r['onnx_int8_mb']:,.0f} | {r['zip_mb']:,.0f} | {disk} | {r['server_gb']:.1f} "
             f"| {r['fp32']['ms']:.1f} ({r['fp32']['floor_ms']:.1f}) "
             f"| {r['int8']['ms']:.1f} ({r['int8']['floor_ms']:.1f}) "
             f"| {'yes' if r['tokens_equal_transformers'] else 'NO'} / "
-            f"{'yes' if r['served_tokens_equal'] else 'NO'} |"
+            f"{'yes' if r['served_tokens_equal'] else 'NO'} | {r.get('when', '')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -188,6 +259,10 @@ def main() -> None:
     parser.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS))
     parser.add_argument("--root", type=Path, default=ROOT / "artifacts" / "family")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "family.md")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "family.json")
+    parser.add_argument(
+        "--prune", action="store_true", help="delete what no later step reads (see the docstring)"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument(
         "--reuse", action="store_true", help="keep each member's export; rerun notebook 03 on"
@@ -196,7 +271,7 @@ def main() -> None:
     from bench_generation import matvec_bandwidth
 
     args.root.mkdir(parents=True, exist_ok=True)
-    results_path = args.root / "family.json"
+    results_path = args.results
     rows = json.loads(results_path.read_text())["rows"] if results_path.exists() else []
     bandwidth = matvec_bandwidth(400_000_000, 768)["gb_s"] * 1e9
     meta = {
@@ -207,7 +282,7 @@ def main() -> None:
     for member in args.members:
         rows = [r for r in rows if r["member"] != member]
         try:
-            rows.append(measure(member, args.root, args.steps, bandwidth, args.reuse))
+            rows.append(measure(member, args.root, args.steps, bandwidth, args.reuse, args.prune))
         except Exception as exc:  # noqa: BLE001 - a member's failure is a result too
             rows.append({"member": member, "error": f"{type(exc).__name__}: {exc}"[:300]})
         print(json.dumps(rows[-1], indent=1), flush=True)

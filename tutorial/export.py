@@ -120,7 +120,15 @@ def run_monitored(
     }
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
-        raise TutorialError(f"{what} failed (exit {proc.returncode}); its log ends with:\n{tail}")
+        why = f"{what} failed (exit {proc.returncode})"
+        if proc.returncode == -9:  # SIGKILL: on Linux, most often the kernel's out-of-memory killer
+            why += (
+                f", killed after reaching {max(peak_rss, result['max_rss']) / 1e9:.1f} GB resident "
+                f"on a machine with {psutil.virtual_memory().total / 1e9:.1f} GB: most likely "
+                "out of memory (`dmesg` says so if you can read it); a smaller GPT-2 or a machine "
+                "with more memory"
+            )
+        raise TutorialError(f"{why}; its log ends with:\n{tail}")
     if not quiet:
         print(
             f"{what}: done in {elapsed:.1f} s, peak RSS "
