@@ -118,18 +118,72 @@ def sweep_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def client_levels(url: str, prompt, args, levels: list[int], alone: list[int]) -> list[dict]:
+def engine_breakdown(before: dict, after: dict, wall_s: float) -> dict | None:
+    """Where a level's time went inside the engine, from its counters (``*_us`` summed over the
+    level; see COUNTERS in generate_stream/1/model.py): means per request, per call, per step.
+    None where the artifact's engine does not time itself (one packed before it did)."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    if "first_token_us" not in d or not d.get("prefills") or not d.get("steps"):
+        return None
+    calls = d["prefill_calls"] + d["prefill_chunks"]
+    return {
+        "requests": d["prefills"],
+        "first_token_ms": d["first_token_us"] / d["prefills"] / 1000,
+        "queue_ms": d["queue_us"] / d["prefills"] / 1000,
+        "prefill_call_ms": d["prefill_us"] / max(1, calls) / 1000,
+        "rows_per_prefill_call": d["prefills"] / max(1, calls),
+        "step_ms": d["step_us"] / d["steps"] / 1000,
+        "rows_per_step": d["rows"] / d["steps"],
+        "emit_ms_per_token": d["emit_us"] / (d["rows"] + d["prefills"]) / 1000,
+        "busy": (d["prefill_us"] + d["step_us"] + d["emit_us"]) / 1e6 / wall_s,
+    }
+
+
+def breakdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| clients | TTFT mean ms (client) | arrival -> first token sent ms (engine) | of which "
+        "queued ms | prefill call ms (rows) | decode step ms (rows) | handing a token to "
+        "Triton ms | engine busy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b = r.get("engine")
+        if not b:
+            continue
+        lines.append(
+            f"| {r['clients']} | {fmt(r['ttft_mean_ms'])} | {fmt(b['first_token_ms'])} | "
+            f"{fmt(b['queue_ms'])} | {fmt(b['prefill_call_ms'])} "
+            f"({b['rows_per_prefill_call']:.1f}) | {fmt(b['step_ms'])} ({b['rows_per_step']:.1f}) "
+            f"| {b['emit_ms_per_token']:.2f} | {100 * b['busy']:.0f}% |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def client_levels(
+    url: str, prompt, args, levels: list[int], alone: list[int], metrics_url: str | None = None
+) -> list[dict]:
     """Each level: ``clients`` clients streaming ``--requests`` requests each; every stream
-    must equal ``alone`` (the prompt's tokens at one client)."""
+    must equal ``alone`` (the prompt's tokens at one client). With ``metrics_url``, the
+    engine's own timings for the level too (:func:`engine_breakdown`)."""
+    from tutorial.client import engine_counters
+
     rows = []
     for clients in levels:
+        before = engine_counters(metrics_url) if metrics_url else {}
+        start = time.perf_counter()
         runs = run_clients(
             lambda c, i: timed_stream(url, prompt.text, args.new_tokens), clients, args.requests
         )
+        wall = time.perf_counter() - start
         off = sum(r["tokens"] != alone for r in runs)
         if off:
             raise SystemExit(f"{off} streams at {clients} clients differ from one alone")
-        rows.append({"clients": clients, "metrics": latency_metrics(runs)})
+        ttft = [1000 * (r["times"][0] - r["sent"]) for r in runs]
+        row = {"clients": clients, "metrics": latency_metrics(runs)}
+        row["ttft_mean_ms"] = sum(ttft) / len(ttft)
+        if metrics_url:
+            row["engine"] = engine_breakdown(before, engine_counters(metrics_url), wall)
+        rows.append(row)
         print(f"  {clients} clients done", flush=True)
     return rows
 
@@ -239,11 +293,21 @@ def main() -> None:
             server = servers.serve("levels", {})
             try:
                 alone = timed_stream(server.url, prompt.text, args.new_tokens)["tokens"]
-                summary["levels"] = client_levels(server.url, prompt, args, args.levels, alone)
+                summary["levels"] = client_levels(
+                    server.url, prompt, args, args.levels, alone, server.metrics_url
+                )
             finally:
                 server.stop()
             tables.append(levels_table(summary["levels"]))
             print(tables[-1], flush=True)
+            where = breakdown_table(summary["levels"])
+            if where:
+                tables.append(
+                    "Where the time went (the engine's own timings, means over each level; "
+                    "TTFT less the engine's part is Triton's HTTP front end, the python "
+                    "backend's hand-over to `execute` and the response's way back):\n" + where
+                )
+                print(tables[-1], flush=True)
         if not args.skip_long:
             rows = []
             for chunk, share in args.long_chunks:

@@ -208,7 +208,8 @@ def test_the_counters_count_steps_rows_and_mixed_steps(module):
     alone = run_jobs(module, MixingRunner(), [([5, 6, 7], 30), ([4, 5], 10)], max_batch=1)
     assert [results["stream"], results["once"]] == alone
     assert [len(t) for t in alone] == [30, 10]  # no end-of-text before the limits
-    assert engine.counters == {
+    times = {k: v for k, v in engine.counters.items() if k.endswith("_us")}
+    assert {k: v for k, v in engine.counters.items() if k not in times} == {
         "steps": 29,  # the longer request's decode steps; the other joined 9 of them
         "rows": 29 + 9,
         "mixed_steps": 9,
@@ -218,6 +219,11 @@ def test_the_counters_count_steps_rows_and_mixed_steps(module):
         "cancelled": 0,
     }
     assert runner.rows_per_step == [1, 1] + [2] * 9 + [1] * 20  # 2 prefills, then decode steps
+    # Where the time went: every part was timed, and a request's first token comes after its
+    # admission and after the prefill that made it.
+    assert set(times) == {"queue_us", "first_token_us", "prefill_us", "step_us", "emit_us"}
+    assert times["step_us"] > 0 and times["prefill_us"] > 0 and times["emit_us"] > 0
+    assert times["first_token_us"] >= times["queue_us"] + times["prefill_us"]
 
 
 def test_a_cancelled_request_leaves_at_the_next_step(module):

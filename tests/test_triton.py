@@ -341,6 +341,11 @@ def test_streaming_and_non_streaming_requests_share_one_engine_step(triton_serve
         "prefill_calls",
         "prefill_chunks",
         "cancelled",
+        "queue_us",
+        "first_token_us",
+        "prefill_us",
+        "step_us",
+        "emit_us",
     }
     events = stream_generate(triton_server.url, "Hello world", 300)
     _, streamed = next(events)  # the stream is in flight: its first token has come
@@ -355,6 +360,10 @@ def test_streaming_and_non_streaming_requests_share_one_engine_step(triton_serve
     # steps of the stream's batch: one engine, one batch
     assert delta["mixed_steps"] == 19
     assert delta["rows"] == 299 + 19 and delta["steps"] == 299
+    # the engine timed itself: each request's first token came after its admission and after
+    # the prefill that made it; the steps took time
+    assert delta["first_token_us"] >= delta["queue_us"] + delta["prefill_us"] > 0
+    assert delta["step_us"] > 0 and delta["emit_us"] > 0
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_beside_a_stream(triton_server, tiny_reference):

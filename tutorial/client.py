@@ -163,7 +163,9 @@ def engine_counters(metrics_url: str, model: str = "generate_stream") -> dict[st
     (``generate_engine_<name>_total{model="generate_stream"}``): decode ``steps``, ``rows``,
     ``mixed_steps`` (streaming and non-streaming requests in one step), ``prefills``,
     ``prefill_calls`` (calls that prefilled whole prompts), ``prefill_chunks`` (chunks of long
-    prompts), ``cancelled``."""
+    prompts), ``cancelled``; and where the time went, in microseconds summed: ``queue_us``
+    (arrival to admission), ``first_token_us`` (arrival to first token sent), ``prefill_us``,
+    ``step_us`` (decode steps), ``emit_us`` (handing tokens to Triton)."""
     import re
 
     import requests

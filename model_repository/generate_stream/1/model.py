@@ -310,6 +310,7 @@ class Job:
         self.filled = 0  # prompt tokens in its own cache (a prefill in chunks)
         self.past = None  # that cache, until the row joins the batch
         self.held = ()  # what the runner needs kept alive for ``past`` (SessionRunner.keep)
+        self.arrived = time.perf_counter()
 
     def planned(self, context):
         return min(len(self.prompt) + self.max_new, context)
@@ -332,6 +333,12 @@ COUNTERS = {
     "prefill_calls": "calls that prefilled whole prompts (prompts taken together share one)",
     "prefill_chunks": "chunks of prompts longer than prefill_chunk (one per engine turn)",
     "cancelled": "requests that left the batch because their client cancelled them",
+    # Where the time goes (microseconds, summed; divide by a count above for a mean):
+    "queue_us": "time from a request's arrival (execute) to its admission into the engine",
+    "first_token_us": "time from a request's arrival to its first token handed to Triton",
+    "prefill_us": "time in prefill calls and chunks (onnxruntime or BLS)",
+    "step_us": "time in decode steps (onnxruntime or BLS)",
+    "emit_us": "time handing tokens to Triton (detokenizing and sending responses)",
 }
 
 
@@ -485,7 +492,11 @@ class Engine:
         oldest long prompt; then one decode step for the batch."""
         short = []
         limit = self.chunk_size()
-        for job in self.take(block=not self.active and not self.prefilling):
+        taken = self.take(block=not self.active and not self.prefilling)
+        if taken:
+            now = time.perf_counter()
+            self.count({"queue_us": sum(int(1e6 * (now - job.arrived)) for job in taken)})
+        for job in taken:
             if self.stopping:
                 self.waiting.append(job)  # answered by loop() on its way out
                 continue
@@ -527,14 +538,25 @@ class Engine:
     def smooth(old, new):
         return new if old is None else 0.5 * old + 0.5 * new
 
-    def advance(self, job, token):
-        job.count += 1
-        job.last = token
-        job.done = token == self.eos or job.length >= self.context or job.count >= job.max_new
-        try:
-            job.emit(token)
-        except Exception as exc:  # a stream whose client went away: the row leaves
-            job.error, job.done = exc, True
+    def advance(self, jobs, logits):
+        """Each row's next token (greedy) handed to its request; counts the time it took."""
+        start = time.perf_counter()
+        first = 0
+        for i, job in enumerate(jobs):
+            token = int(np.argmax(logits[i]))
+            job.count += 1
+            job.last = token
+            job.done = token == self.eos or job.length >= self.context or job.count >= job.max_new
+            try:
+                job.emit(token)
+            except Exception as exc:  # a stream whose client went away: the row leaves
+                job.error, job.done = exc, True
+            if job.count == 1:
+                first += int(1e6 * (time.perf_counter() - job.arrived))
+        deltas = {"emit_us": int(1e6 * (time.perf_counter() - start))}
+        if first:
+            deltas["first_token_us"] = first
+        self.count(deltas)
 
     def drop_cancelled(self):
         """Rows whose client cancelled the request leave before the next step."""
@@ -562,14 +584,15 @@ class Engine:
             ids[i, width - len(job.prompt) :] = job.prompt
             mask[i, width - len(job.prompt) :] = 1
         try:
+            start = time.perf_counter()
             logits, present = self.runner.run(ids, mask, self.empty_past(len(jobs)))
+            took = int(1e6 * (time.perf_counter() - start))
         except Exception as exc:
             for job in jobs:
                 job.finish(exc)
             return
-        self.count({"prefills": len(jobs), "prefill_calls": 1})
-        for i, job in enumerate(jobs):
-            self.advance(job, int(np.argmax(logits[i])))
+        self.count({"prefills": len(jobs), "prefill_calls": 1, "prefill_us": took})
+        self.advance(jobs, logits)
         self.join(jobs, present, mask, tuple(getattr(self.runner, "keep", ())))
 
     def prefill_next_chunk(self):
@@ -587,8 +610,9 @@ class Engine:
         mask = np.ones((1, end), dtype=np.int32)
         past = self.empty_past(1) if job.past is None else job.past
         try:
-            start = self.clock()
+            start, wall = self.clock(), time.perf_counter()
             logits, present = self.runner.run(ids, mask, past)
+            took = int(1e6 * (time.perf_counter() - wall))
             per_token = (self.clock() - start) / (end - job.filled)
             self.chunk_token_s = self.smooth(self.chunk_token_s, per_token)
         except Exception as exc:
@@ -596,7 +620,7 @@ class Engine:
             job.past = job.held = None
             job.finish(exc)
             return
-        self.count({"prefill_chunks": 1})
+        self.count({"prefill_chunks": 1, "prefill_us": took})
         job.filled, job.past = end, present
         job.held = tuple(getattr(self.runner, "keep", ()))
         if end < len(job.prompt):
@@ -604,7 +628,7 @@ class Engine:
         self.prefilling.pop(0)
         job.past = None
         self.count({"prefills": 1})
-        self.advance(job, int(np.argmax(logits[0])))
+        self.advance([job], logits)
         held, job.held = job.held, ()
         self.join([job], present, mask, held)
 
@@ -646,21 +670,29 @@ class Engine:
         ids = np.asarray([[job.last] for job in self.active], dtype=np.int32)
         mask = np.pad(self.mask, [(0, 0), (0, 1)], constant_values=1)
         try:
-            start = self.clock()
+            start, wall = self.clock(), time.perf_counter()
             logits, present = self.runner.run(ids, mask, self.cache)
+            took = int(1e6 * (time.perf_counter() - wall))
             self.step_s = self.smooth(self.step_s, self.clock() - start)
         except Exception as exc:  # every row of the failed step gets the error
             for job in self.active:
                 job.finish(exc)
             self.active, self.cache, self.mask, self.held = [], None, None, ()
             return
-        for i, job in enumerate(self.active):
+        for job in self.active:
             job.length += 1
-            self.advance(job, int(np.argmax(logits[i])))
+        kinds = {job.stream for job in self.active}
+        self.count(
+            {
+                "steps": 1,
+                "rows": len(self.active),
+                "mixed_steps": int(len(kinds) == 2),
+                "step_us": took,
+            }
+        )
+        self.advance(self.active, logits)
         self.cache, self.mask = present, mask
         self.held = tuple(getattr(self.runner, "keep", ()))
-        kinds = {job.stream for job in self.active}
-        self.count({"steps": 1, "rows": len(self.active), "mixed_steps": int(len(kinds) == 2)})
         self.remove_finished()
 
     def remove_finished(self):
