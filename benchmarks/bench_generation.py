@@ -3,7 +3,9 @@
 All in one run, on one machine, on the model notebooks 01-03 left in the work folder:
   a) seed:      the seed's client loop (fixed) through `ensemble_model`: one HTTP call per token
   b) generate:  the server-side `generate` model: one call for all tokens, KV cache on the server
-  c) floor:     the same greedy KV-cache loop on onnxruntime in this process, no server
+  c) floor:     the server's own engine (generate_stream/1/model.py: its onnxruntime session,
+                IO binding and bookkeeping) in this process, no Triton (tutorial.engine_local);
+                c0) beside it, a plain session.run loop with numpy in and out, for comparison
   d) TF peer:   transformers' TensorFlow generate(do_sample=False) on the same weights, in a
                 child process (its memory leaves with it); its tokens checked against c)
   b) and c) also with the int8 model.
@@ -103,18 +105,33 @@ def pct(values: list[float], q: float) -> float:
 
 
 def floor_run(model: Path, prompt_ids: list[int], new_tokens: int, runs: int) -> dict:
-    """c) greedy with the KV cache on onnxruntime in-process; per-step timings."""
+    """c) the server's own engine in this process (:mod:`tutorial.engine_local`: the same
+    code, onnxruntime session options and IO binding as `generate`, no Triton), per-token
+    timings; and beside it c0) the plain loop (``session.run`` with numpy in and out each step,
+    :func:`tutorial.export.greedy_with_past`), alternating run by run."""
+    from tutorial.engine_local import LocalEngine
+
+    engine = LocalEngine(model)
     session = export.ort_session(model)
-    export.greedy_with_past(session, prompt_ids, 3)  # warm-up
     totals, decode, tokens = [], [], None
-    for _ in range(runs):
-        steps: list[float] = []
-        tokens = export.greedy_with_past(
-            session, prompt_ids, new_tokens, eos_token_id=None, timings=steps
-        )
-        totals.append(sum(steps))
-        decode += steps[1:]
-    return {"totals_s": totals, "decode_s": decode, "tokens": tokens}
+    plain: dict = {"totals_s": [], "decode_s": [], "tokens": None}
+    try:
+        engine.generate(prompt_ids, 3)  # warm-up
+        export.greedy_with_past(session, prompt_ids, 3)
+        for _ in range(runs):
+            times: list[float] = []
+            tokens = engine.generate(prompt_ids, new_tokens, times)
+            totals.append(times[-1] - times[0])  # submitted -> last token
+            decode += [b - a for a, b in zip(times[1:], times[2:])]  # after the first token
+            steps: list[float] = []
+            plain["tokens"] = export.greedy_with_past(
+                session, prompt_ids, new_tokens, eos_token_id=None, timings=steps
+            )
+            plain["totals_s"].append(sum(steps))
+            plain["decode_s"] += steps[1:]
+    finally:
+        engine.close()
+    return {"totals_s": totals, "decode_s": decode, "tokens": tokens, "plain": plain}
 
 
 def tf_peer_child(out_path: Path, new_tokens: int, runs: int) -> None:
@@ -552,6 +569,8 @@ def report(
         gen, floor = res[v]["generate"], res[v]["floor"]
         table.append((f"b) generate model, {v}", gen["decode_s"], gen["totals_s"]))
         table.append((f"c) in-process floor, {v}", floor["decode_s"], floor["totals_s"]))
+        plain = floor["plain"]
+        table.append((f"c0) plain ort loop, {v}", plain["decode_s"], plain["totals_s"]))
     if tf:
         table.append(("d) TF generate(), fp32", [t / n for t in tf["totals_s"]], tf["totals_s"]))
     print(f"\n{n} new tokens from a {len(prompt_ids)}-token prompt, {runs} runs each")
@@ -566,8 +585,9 @@ def report(
             "total_s_p50": pct(totals, 50),
         }
     print(
-        "(per token: a) one ensemble call; b) (total - a 1-token call) / (N-1); c) each decode "
-        "step; d) total / N, prefill included)"
+        "(per token: a) one ensemble call; b) (total - a 1-token call) / (N-1); c) the gaps "
+        "between tokens of the server's engine run in this process; c0) each session.run of a "
+        "plain loop (numpy in and out); d) total / N, prefill included)"
     )
     print(
         f"\nread bandwidth, all {os.cpu_count()} cores: {matvec['gb_s']:.1f} GB/s fp32 matvec on "
@@ -601,6 +621,11 @@ def report(
         if tf:
             ratio(f"d/b {v}", f"TF generate / generate {v}", total(tf_name) / total(gen))
         ratio(f"b/c {v}", f"generate {v} / in-process ort {v}", total(gen) / total(floor))
+        ratio(
+            f"c0/c {v}",
+            f"plain ort loop {v} / the engine in-process {v}",
+            total(f"c0) plain ort loop, {v}") / total(floor),
+        )
         if tf:
             ratio(f"d/c {v}", f"TF generate / in-process ort {v}", total(tf_name) / total(floor))
         per_token = summary[floor]["per_token_ms_p50"]
@@ -628,6 +653,9 @@ def report(
             f"int8 greedy tokens agreeing with fp32: {agree}/{len(fp32_tokens)} (random weights: says little)"
         )
     same = res["fp32"]["generate"]["tokens"] == res["fp32"]["floor"]["tokens"]
+    for v in variants:
+        if res[v]["floor"]["plain"]["tokens"] != res[v]["floor"]["tokens"]:
+            raise SystemExit(f"{v}: the plain loop's tokens differ from the engine's")
     summary["generate_equals_floor_tokens"] = same
     print(f"generate (server) tokens == in-process onnxruntime tokens: {same}")
     if tf:
@@ -706,6 +734,7 @@ def report(
                     "new_tokens": 1,
                     "iteration": i,
                     "latency_ms": t * 1e3,
+                    "notes": "the server's engine in this process, no Triton",
                 }
             )
         for i, t in enumerate(f["totals_s"]):

@@ -10,8 +10,6 @@ on many more mixes than a server test can afford.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 import types
 
@@ -19,28 +17,14 @@ import numpy as np
 import pytest
 
 from tutorial.common import REPO_ROOT
+from tutorial.engine_local import load_engine_module
 
 VOCAB = 97
 EOS = 3
 
 
 def load_model_module():
-    stub = types.ModuleType("triton_python_backend_utils")
-    stub.Logger = types.SimpleNamespace(log_error=print, log_info=print, log_warn=print)
-    previous = sys.modules.get("triton_python_backend_utils")
-    sys.modules["triton_python_backend_utils"] = stub
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "generate_engine_under_test", REPO_ROOT / "model_repository/generate_stream/1/model.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if previous is None:
-            del sys.modules["triton_python_backend_utils"]
-        else:
-            sys.modules["triton_python_backend_utils"] = previous
-    return module
+    return load_engine_module("generate_engine_under_test")
 
 
 class MixingRunner:
@@ -498,7 +482,6 @@ def test_cpu_on_purpose_and_cpu_hosts_run_on_the_cpu(module, tmp_path):
 
 
 def test_the_cuda_options_come_from_the_committed_config(module):
-    from tutorial.common import REPO_ROOT
     from tutorial.repository import load_config
 
     config = load_config(REPO_ROOT / "model_repository/generate_stream/config.pbtxt")
