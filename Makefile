@@ -83,10 +83,12 @@ bench: venv
 bench-stream: venv
 	$(BIN)/python benchmarks/bench_streaming.py
 
-# The GPT-2 family measured one member after another (docs/family.md): MEMBERS="gpt2-large" to
-# choose; each member's work folder is under artifacts/family/.
+# The GPT-2 family measured one member after another (docs/family.md, docs/family.json):
+# MEMBERS="gpt2-large" to choose; each member's work folder is under artifacts/family/.
+# ARGS=--prune deletes each step's files once no later step reads them (gpt2-xl keeps
+# about 70 GB otherwise; see the script's docstring).
 family-bench: venv
-	$(BIN)/python benchmarks/family_bench.py $(if $(MEMBERS),--members $(MEMBERS))
+	$(BIN)/python benchmarks/family_bench.py $(if $(MEMBERS),--members $(MEMBERS)) $(ARGS)
 
 # Peak memory of each of notebook 02's export stages, printed (after notebook 01).
 export-memory: venv

@@ -199,3 +199,70 @@ def test_int8_and_fp32_on_avx2_kernels(int8_files, tiny_reference, tmp_path):
     same = logit_error(native_int8, avx2["int8"])
     print(f"int8 on AVX2 kernels against int8 on this CPU: {same}")
     assert same["rms"] < 0.05, same
+
+
+def test_int8_in_less_memory_is_what_onnxruntime_writes(int8_files, tmp_path, monkeypatch):
+    """quantize_int8's leaner route (the large weights left in the fp32 data file while the
+    graph is rewritten; onnxruntime's quantizer with its save-and-reload and its writer
+    replaced, tutorial.export.lean_quantizer) writes the model onnxruntime's own
+    ``quantize_dynamic`` writes from the same rewritten graph: the same initializers, nodes,
+    inputs, outputs and shapes. On the external-data route, as gpt2-large and gpt2-xl take it."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from tutorial.export import quantize_int8
+    from tutorial.onnx_surgery import (
+        load_for_rewrite,
+        onnx_files,
+        simplify_decoder,
+        write_external_data,
+    )
+
+    fp32_in_file, _ = int8_files
+    monkeypatch.setenv("TUTORIAL_EXTERNAL_DATA_MB", "1")  # the tiny model's 26 MB pass it
+    fp32 = tmp_path / "with_past.onnx"
+    write_external_data(onnx.load(str(fp32_in_file)), fp32)
+    assert len(onnx_files(fp32)) == 2
+    ours = tmp_path / "ours.onnx"
+    quantize_int8(fp32, ours)
+    assert len(onnx_files(ours)) == 2 and len(onnx_files(fp32)) == 2  # fp32's data stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ours.onnx",
+        "ours.onnx.data",
+        "with_past.onnx",
+        "with_past.onnx.data",
+    ]
+    rewritten = onnx.load(str(fp32))  # onnxruntime's route: the whole model in memory
+    simplify_decoder(rewritten)
+    source = tmp_path / "theirs_source.onnx"
+    onnx.save(rewritten, str(source))
+    theirs = tmp_path / "theirs.onnx"
+    quantize_dynamic(
+        str(source),
+        str(theirs),
+        weight_type=QuantType.QInt8,
+        reduce_range=True,
+        use_external_data_format=True,
+    )
+    a, b = onnx.load(str(ours)), onnx.load(str(theirs))
+
+    def weights(model):
+        return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and any(k.endswith("_quantized") for k in wa)
+    assert all(wa[k].dtype == wb[k].dtype and np.array_equal(wa[k], wb[k]) for k in wa)
+
+    def graph(model):
+        g = model.graph
+        return (
+            [n.SerializeToString() for n in g.node],
+            [v.SerializeToString() for v in [*g.input, *g.output]],
+            sorted(v.SerializeToString() for v in g.value_info),
+        )
+
+    assert graph(a) == graph(b)
+    # and the route it replaced loads the rewritten graph without the large weights
+    light = load_for_rewrite(fp32)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in light.graph.initializer)
