@@ -355,7 +355,6 @@ def quantize_int8(fp32: Path, output: Path, simplify: bool = True) -> dict[str, 
     onnxruntime backend, the in-process loops), like the int8 kernels themselves. Returns the
     file's signature, with ``simplified`` (what the rewrite did) when it ran.
     """
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from tutorial.onnx_surgery import (
@@ -363,22 +362,19 @@ def quantize_int8(fp32: Path, output: Path, simplify: bool = True) -> dict[str, 
         load_for_rewrite,
         onnx_files,
         simplify_decoder,
+        write_external_data,
     )
 
     source, done = Path(fp32), None
     fp32_bytes = sum(p.stat().st_size for p in onnx_files(fp32))
     if simplify:
         # The rewrite reads no large weight: they stay in fp32's data file (if it has one),
-        # which the rewritten graph, saved beside it, points at.
+        # which the rewritten graph, saved beside it, points at; the weights it holds (all of
+        # them where fp32 has no data file) are written a tensor at a time to one of its own.
         model = load_for_rewrite(fp32)
         done = simplify_decoder(model)
         source = Path(fp32).with_name(f"{Path(output).stem}.simplified.onnx")
-        if model.ByteSize() > external_data_threshold():
-            from tutorial.onnx_surgery import write_external_data
-
-            write_external_data(model, source)
-        else:
-            onnx.save(model, str(source))
+        write_external_data(model, source)
         del model
     Path(f"{output}.data").unlink(missing_ok=True)
     try:
