@@ -263,6 +263,13 @@ def main() -> None:
     )
     parser.add_argument("--sweep-max-batch", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--sweep-clients", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set this engine parameter (generate_stream's config) for the levels; repeatable",
+    )
     parser.add_argument("--skip-levels", action="store_true")
     parser.add_argument("--skip-long", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
@@ -290,7 +297,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-streaming-", dir=common.workdir()) as tmp:
         servers = Servers(Path(state["artifact_zip"]), Path(tmp))
         if not args.skip_levels:
-            server = servers.serve("levels", {})
+            params = dict(p.split("=", 1) for p in args.param)
+            server = servers.serve("levels", params)
             try:
                 alone = timed_stream(server.url, prompt.text, args.new_tokens)["tokens"]
                 summary["levels"] = client_levels(

@@ -35,9 +35,18 @@ def step(tiny_workdir):
     runner = module.SessionRunner(folder / "1" / "gpt2_with_past.onnx", 1, "cpu")
     runner.open(gpu_present=False)
 
-    def engine(chunk, max_batch=8, publish=None):
+    def engine(chunk, max_batch=8, publish=None, batch_tokens=0):
         return module.Engine(
-            runner, shape, 50256, 1024, max_batch, 0.0, lambda r, t: True, publish, chunk
+            runner,
+            shape,
+            50256,
+            1024,
+            max_batch,
+            0.0,
+            lambda r, t: True,
+            publish,
+            chunk,
+            prefill_batch_tokens=batch_tokens,
         )
 
     return module, engine
@@ -103,6 +112,41 @@ def test_prompts_of_mixed_lengths_arriving_together(step, tiny_reference):
     assert counters["prefill_calls"] == 1  # the four short prompts, one call
     assert counters["prefill_chunks"] == 2 + 3 + 4 + 3  # 9, 17, 30 and 24 tokens in 8s
     assert counters["prefills"] == 8
+
+
+def test_short_prompts_prefilled_in_calls_of_at_most_prefill_batch_tokens(step, tiny_reference):
+    """prefill_batch_tokens 16: eight short prompts arriving together are prefilled in four
+    calls of at most 16 tokens (rows x the longest), in arrival order, each answered as its
+    call ends; each gets transformers' tokens alone."""
+    module, make = step
+    tf_model, tok = tiny_reference
+    lengths = [3, 5, 2, 8, 4, 6, 1, 7]  # calls: [3, 5, 2] (15), [8, 4] (16), [6, 1], [7]
+    prompts = [(prompt_of(tok, n), 5 + i) for i, n in enumerate(lengths)]
+    expected = [reference_generate(tf_model, tok, p, n) for p, n in prompts]
+    events: list = []  # "call" when a prefill call is counted, then i at request i's 1st token
+
+    def publish(deltas):
+        if deltas.get("prefill_calls"):
+            events.append("call")
+
+    def first_marked(i, emit):
+        def marked(token):
+            if i not in events:
+                events.append(i)
+            emit(token)
+
+        return marked
+
+    engine, jobs = make(CHUNK, publish=publish, batch_tokens=16), Collect(module)
+    for i, (prompt, max_new) in enumerate(prompts):
+        job = jobs.job(i, tok(prompt)["input_ids"], max_new)
+        job.emit = first_marked(i, job.emit)
+        engine.submit(job)
+    engine.start()
+    jobs.wait(engine)
+    assert [jobs.tokens[i] for i in range(8)] == expected
+    assert engine.counters["prefill_calls"] == 4 and engine.counters["prefills"] == 8
+    assert events == ["call", 0, 1, 2, "call", 3, 4, "call", 5, 6, "call", 7]
 
 
 def test_a_long_prompt_arriving_while_others_decode(step, tiny_reference):

@@ -357,7 +357,9 @@ class Engine:
     one prefill call. With ``chunk_share`` (0: off) and rows decoding, a chunk is as many tokens
     (at most ``prefill_chunk``, at least MIN_CHUNK) as take about that share of a decode step,
     from the times of the last steps and chunks (``clock``), so the decoders' next token is
-    late by that share at most. ``counters`` counts what it does (COUNTERS);
+    late by that share at most. ``prefill_batch_tokens`` (0: off) splits the short prompts
+    taken together into calls of at most that many tokens (rows x the longest), one after
+    another in the same turn, so the first of them get their first token sooner. ``counters`` counts what it does (COUNTERS);
     ``publish(deltas)`` is called after each step with what changed (it may hold them back),
     and ``flush()`` before each request is answered.
     """
@@ -376,6 +378,7 @@ class Engine:
         chunk_share=0.0,
         clock=time.perf_counter,
         flush=None,
+        prefill_batch_tokens=0,
     ):
         self.runner = runner
         self.past_shape = past_shape
@@ -388,6 +391,7 @@ class Engine:
         self.flush = flush or (lambda: None)  # publish what publish() held back
         self.prefill_chunk = max(0, int(prefill_chunk))
         self.chunk_share = max(0.0, float(chunk_share))
+        self.prefill_batch_tokens = max(0, int(prefill_batch_tokens))
         self.clock = clock
         self.step_s = None  # a decode step's time, smoothed (EWMA)
         self.chunk_token_s = None  # a chunk's time per token, smoothed (EWMA)
@@ -515,13 +519,27 @@ class Engine:
                 short.append(job)
             else:  # chunking off: each prompt alone, whole
                 self.prefill([job])
-        if short:
-            self.prefill(short)
+        for group in self.prefill_groups(short):
+            self.prefill(group)
         if self.prefilling:
             self.prefill_next_chunk()
         self.drop_cancelled()
         if self.active:
             self.decode()
+
+    def prefill_groups(self, jobs):
+        """``jobs`` in arrival order, in groups of at most ``prefill_batch_tokens`` tokens
+        (rows x the longest prompt; a prompt longer than that alone); one group when off."""
+        if not self.prefill_batch_tokens:
+            return [jobs] if jobs else []
+        groups, group = [], []
+        for job in jobs:
+            longest = max(len(j.prompt) for j in [*group, job])
+            if group and longest * (len(group) + 1) > self.prefill_batch_tokens:
+                groups.append(group)
+                group = []
+            group.append(job)
+        return [*groups, group] if group else groups
 
     def chunk_size(self):
         """Prompt tokens one turn may prefill: ``prefill_chunk``; with ``chunk_share`` and rows
@@ -837,6 +855,12 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{self.name}: prefill_chunk must be 0 (off) or a number of tokens, got {chunk}"
             )
+        batch_tokens = int(params.get("prefill_batch_tokens", "0"))
+        if batch_tokens < 0:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: prefill_batch_tokens must be 0 (off) or a number of tokens, "
+                f"got {batch_tokens}"
+            )
         share = float(params.get("prefill_chunk_share", "0"))
         if share < 0:
             raise pb_utils.TritonModelException(
@@ -856,6 +880,7 @@ class TritonPythonModel:
             prefill_chunk=chunk,
             chunk_share=share,
             flush=self.metrics.flush,
+            prefill_batch_tokens=batch_tokens,
         ).start()
         pb_utils.Logger.log_info(
             f"{self.name}: step_runner {runner}, inflight_batching {batching} "
