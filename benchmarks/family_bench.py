@@ -76,8 +76,12 @@ def prune(work: Path, after: str) -> dict[str, float]:
         taken["checkpoint"] = folder_gb(model_dir)
         taken["onnx"] = folder_gb(Path(state["onnx"]["with_past"]).parent)
         shutil.rmtree(model_dir)
+        # the full-sequence model's own files; a data file it shares with those kept stays
+        kept = {f for k in ("with_past", "last_logits", "with_past_int8")
+                for f in onnx_files(Path(state["onnx"][k]))}  # fmt: skip
         for f in onnx_files(Path(state["onnx"]["full"])):
-            f.unlink()
+            if f not in kept:
+                f.unlink()
     elif after == "03_model_repository":
         taken["repository"] = folder_gb(work / "model_repository")
         taken["zip"] = folder_gb(work / "model_artifact.zip")
