@@ -85,8 +85,8 @@ bench-stream: venv
 
 # The GPT-2 family measured one member after another (docs/family.md, docs/family.json):
 # MEMBERS="gpt2-large" to choose; each member's work folder is under artifacts/family/.
-# ARGS=--prune deletes each step's files once no later step reads them (gpt2-xl keeps
-# about 70 GB otherwise; see the script's docstring).
+# ARGS=--prune deletes each step's files once no later step reads them (the disk each member
+# needs without it: docs/family.md).
 family-bench: venv
 	$(BIN)/python benchmarks/family_bench.py $(if $(MEMBERS),--members $(MEMBERS)) $(ARGS)
 

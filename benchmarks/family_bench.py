@@ -24,8 +24,8 @@ member adds its row to the others') as it is measured, and the table in ``docs/f
 (``--out``) is rewritten from it after each member: a member that fails (out of memory, say)
 is written with its error, and the others still run.
 
-Disk: the notebooks keep every intermediate (the TensorFlow checkpoint, four ONNX files, the
-repository and the zip): about 11 times the fp32 weights, 70 GB for gpt2-xl. ``--prune`` deletes
+Disk: the notebooks keep every intermediate (the TensorFlow checkpoint, the ONNX files, the
+repository and the zip: the table's disk column, measured). ``--prune`` deletes
 what no later step reads (the checkpoint and the full-sequence ONNX after notebook 02, the
 repository folder after notebook 03's zip, the ONNX files and the zip once the member is
 measured) and the row records the disk each step took, so the total a learner needs without
@@ -255,7 +255,34 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {'yes' if r['tokens_equal_transformers'] else 'NO'} / "
             f"{'yes' if r['served_tokens_equal'] else 'NO'} | {r.get('when', '')} |"
         )
+    lines += ["", *stage_table(rows)]
     return "\n".join(lines) + "\n"
+
+
+STAGES = ("trace", "convert", "assemble", "logits", "trim", "greedy", "int8")
+
+
+def stage_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Each of notebook 02's children (export stages, then checks, in the order they run):
+    peak resident memory and seconds, per member."""
+    measured = [r for r in rows if "export" in r and "checks" in r]
+    if not measured:
+        return []
+    lines = [
+        "Notebook 02's children, in the order they run: peak resident memory GB / seconds "
+        "(export stages, then the checks against TensorFlow and the int8 quantization).",
+        "",
+        "| member | " + " | ".join(STAGES) + " |",
+        "|---|" + "---|" * len(STAGES),
+    ]
+    for r in measured:
+        stages = {**r["export"], **r["checks"]}
+        cells = [
+            f"{stages[k]['peak_gb']:.1f} / {stages[k]['s']:.0f}" if k in stages else "-"
+            for k in STAGES
+        ]
+        lines.append(f"| {r['member']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
