@@ -19,12 +19,14 @@ from typing import Any
 METHODS = (
     ("a) seed loop, ensemble", "a) the original sample's loop"),
     ("b) generate model, fp32", "b) `generate`, fp32"),
-    ("c) in-process floor, fp32", "c) in-process onnxruntime, fp32"),
+    ("c) in-process floor, fp32", "c) the engine in-process, fp32"),
+    ("c0) plain ort loop, fp32", "c0) a plain onnxruntime loop, fp32"),
     ("b) generate model, int8", "b) `generate`, int8"),
-    ("c) in-process floor, int8", "c) in-process onnxruntime, int8"),
+    ("c) in-process floor, int8", "c) the engine in-process, int8"),
+    ("c0) plain ort loop, int8", "c0) a plain onnxruntime loop, int8"),
     ("d) TF generate(), fp32", "d) transformers' TF `generate()`, fp32"),
 )
-RATIOS = ("a/b", "d/b", "b/c", "c/floor", "fp32/int8")
+RATIOS = ("a/b", "d/b", "b/c", "c0/c", "c/floor", "fp32/int8")
 
 
 def load(path: Path) -> dict[str, Any]:

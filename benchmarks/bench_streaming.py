@@ -290,6 +290,12 @@ def main() -> None:
             "prefill_chunk, so the long-prompt runs would measure one engine twice: run "
             "notebooks 03 again (make run), or pass --skip-long"
         )
+    for key in (p.split("=", 1)[0] for p in args.param):
+        if not engine_reads(Path(state["artifact_zip"]), key):
+            raise SystemExit(
+                f"{state['artifact_zip']}: its generate_stream/1/model.py does not read the "
+                f"parameter {key!r}: run notebook 03 again (make run), or leave --param out"
+            )
     summary: dict = {"args": vars(args), "machine": common.machine_metadata(), "levels": []}
     alone: list[int] | None = None
     tables = []
