@@ -190,7 +190,7 @@ from tutorial.results import (  # noqa: F401
     write_results,
 )
 from tutorial.sizes import describe as describe_sizes  # noqa: F401
-from tutorial.sizes import max_batch, model_sizes, sizes_of  # noqa: F401
+from tutorial.sizes import max_batch, memory_note, model_sizes, sizes_of  # noqa: F401
 from tutorial.triton_local import (  # noqa: F401
     NGC_IMAGE,
     TRITON_ONNXRUNTIME,

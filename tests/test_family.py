@@ -227,3 +227,50 @@ def test_signatures_are_read_without_the_weights(tmp_path, monkeypatch):
         assert sig["bytes"] == sum(p.stat().st_size for p in onnx_files(path))
     assert onnx_files(external) == [external, external.with_name("external.onnx.data")]
     assert onnx_files(inline) == [inline]
+
+
+def test_the_notebooks_say_what_this_size_needed_from_the_family_run(tmp_path, monkeypatch):
+    """memory_note (notebooks 02 and 04): the measured row of the same architecture (a
+    fine-tune of a member matches by its layers, heads and width), a warning where the machine
+    has not comfortably more, nothing where nothing was measured."""
+    import tutorial.sizes as sizes
+    from tutorial.model_source import GPT2_FAMILY
+
+    row = {
+        "member": "gpt2-medium",
+        "when": "2026-12-01 19:42",
+        "dims": "24 x 16 x 64",
+        "export": {"trace": {"s": 28, "peak_gb": 4.0}, "assemble": {"s": 26, "peak_gb": 7.4}},
+        "checks": {"int8": {"s": 25, "peak_gb": 4.1}},
+        "server_gb": 6.6,
+        "disk_gb": {"checkpoint": 3.0, "zip": 3.3},
+    }
+    results = tmp_path / "family.json"
+    results.write_text(json.dumps({"meta": {}, "rows": [{"member": "gpt2-xl", "error": "x"}, row]}))
+    fine_tune = {**GPT2_FAMILY["gpt2-medium"], "model_id": "someone/medium-finetune"}
+    needs = sizes.measured_needs(fine_tune, results)
+    assert needs["member"] == "gpt2-medium" and needs["export_peak_stage"] == "assemble"
+    assert needs["export_peak_gb"] == 7.4 and needs["server_gb"] == 6.6
+    assert abs(needs["disk_gb"] - 6.3) < 1e-9
+    assert sizes.measured_needs(GPT2_FAMILY["gpt2-xl"], results) is None  # its run failed
+    monkeypatch.setattr(sizes, "measured_needs", lambda info: needs)
+    roomy = sizes.memory_note(fine_tune, "export", 24e9)
+    assert "peaked at 7.4 GB; this machine has 24.0 GB" in roomy and "WARNING" not in roomy
+    assert "WARNING" in sizes.memory_note(fine_tune, "export", 8e9)
+    assert "held, every model having answered, 6.6 GB" in sizes.memory_note(
+        fine_tune, "server", 8e9
+    )
+
+
+def test_the_committed_family_results_cover_every_member():
+    """docs/family.json (written by make family-bench) has a measured, token-exact row for each
+    GPT-2 family member, so the notebooks' memory lines have a figure for each."""
+    from tutorial.model_source import GPT2_FAMILY
+    from tutorial.sizes import measured_needs
+
+    for name, config in GPT2_FAMILY.items():
+        needs = measured_needs(config)
+        assert needs is not None and needs["member"] == name, name
+        assert needs["export_peak_gb"] > 0 and needs["server_gb"] > 0
+    rows = json.loads((Path(__file__).parent.parent / "docs" / "family.json").read_text())["rows"]
+    assert all(r["tokens_equal_transformers"] and r["served_tokens_equal"] for r in rows)

@@ -82,3 +82,68 @@ def describe(sizes: dict[str, Any]) -> str:
             f"{sizes['empty_past_shape']}",
         ]
     )
+
+
+def measured_needs(model_info: dict[str, Any], results: Any = None) -> dict[str, Any] | None:
+    """What this architecture needed when ``make family-bench`` ran it here (docs/family.json:
+    the family member of the same layers, heads and width, so a fine-tune of one counts): the
+    largest child of notebook 02 (GB of resident memory, and which), the local server with
+    every model answered, the disk notebooks 01-03 keep, and when. None where no row matches
+    (another size, or a member whose run failed)."""
+    import json
+    from pathlib import Path
+
+    from tutorial.common import REPO_ROOT
+
+    path = Path(results or REPO_ROOT / "docs" / "family.json")
+    if not path.is_file():
+        return None
+    n_layer, n_head, n_embd = (int(model_info[k]) for k in ("n_layer", "n_head", "n_embd"))
+    dims = f"{n_layer} x {n_head} x {n_embd // n_head}"
+    for row in json.loads(path.read_text())["rows"]:
+        if row.get("dims") != dims or "export" not in row:
+            continue
+        stages = {**row["export"], **row.get("checks", {})}
+        largest = max(stages, key=lambda k: stages[k]["peak_gb"])
+        return {
+            "member": row["member"],
+            "when": row.get("when"),
+            "export_peak_gb": stages[largest]["peak_gb"],
+            "export_peak_stage": largest,
+            "server_gb": row["server_gb"],
+            "disk_gb": sum(row["disk_gb"].values()) if "disk_gb" in row else None,
+        }
+    return None
+
+
+def memory_note(
+    model_info: dict[str, Any], what: str, total_bytes: float | None = None
+) -> str | None:
+    """One line for a notebook: what step ``what`` (``export`` or ``server``) needed for this
+    architecture in the measured run, against this machine's memory (``total_bytes``, or
+    psutil's total), with a warning where it is not comfortably less. None where nothing was
+    measured."""
+    if total_bytes is None:
+        import psutil
+
+        total_bytes = psutil.virtual_memory().total
+    needs = measured_needs(model_info)
+    if needs is None:
+        return None
+    need = needs["export_peak_gb"] if what == "export" else needs["server_gb"]
+    step = (
+        f"notebook 02's largest step ({needs['export_peak_stage']}) peaked at"
+        if what == "export"
+        else "the local server held, every model having answered,"
+    )
+    line = (
+        f"{needs['member']}'s architecture, measured by make family-bench ({needs['when']} UTC, "
+        f"docs/family.md): {step} {need:.1f} GB; this machine has "
+        f"{total_bytes / 1e9:.1f} GB"
+    )
+    if need > 0.8 * total_bytes / 1e9:
+        line += (
+            ". WARNING: that leaves too little for the rest; expect the out-of-memory killer "
+            "(a smaller GPT-2, or a machine with more memory)"
+        )
+    return line
