@@ -431,6 +431,11 @@ def lean_quantizer() -> Any:
         else:
             onnx.save_model(self.model, output_path)
 
+    if not hasattr(onnx_quantizer, "save_and_reload_model_with_shape_infer"):
+        # another onnxruntime than the pinned one: its own route, with its memory
+        print("quantize_int8: onnxruntime's quantizer as it is (more memory; see lean_quantizer)")
+        yield
+        return
     saved = onnx_quantizer.save_and_reload_model_with_shape_infer
     saved_save = onnx_model.ONNXModel.save_model_to_file
     onnx_quantizer.save_and_reload_model_with_shape_infer = infer_in_place
