@@ -194,6 +194,7 @@ def test_the_counters_count_steps_rows_and_mixed_steps(module):
     assert [len(t) for t in alone] == [30, 10]  # no end-of-text before the limits
     times = {k: v for k, v in engine.counters.items() if k.endswith("_us")}
     assert {k: v for k, v in engine.counters.items() if k not in times} == {
+        "requests": 2,
         "steps": 29,  # the longer request's decode steps; the other joined 9 of them
         "rows": 29 + 9,
         "mixed_steps": 9,

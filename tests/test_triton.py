@@ -334,6 +334,7 @@ def test_streaming_and_non_streaming_requests_share_one_engine_step(triton_serve
     tf_model, tok = tiny_reference
     before = engine_counters(triton_server.metrics_url)
     assert set(before) == {
+        "requests",
         "steps",
         "rows",
         "mixed_steps",
@@ -455,6 +456,7 @@ def test_unloading_the_engine_leaves_no_request_unanswered(tiny_workdir):
     import requests
     import tritonclient.grpc as grpcclient
 
+    from tutorial.client import engine_counters
     from tutorial.common import REPO_ROOT
     from tutorial.oci_deploy import triton_command
     from tutorial.repository import load_config
@@ -493,6 +495,12 @@ def test_unloading_the_engine_leaves_no_request_unanswered(tiny_workdir):
             )
             clients.append(client)
         wait_for(lambda: sum(s["tokens"] > 0 for s in streams) == rows, f"{rows} streams starting")
+        # and the last two have reached the engine (queued), not only left this process: a
+        # request that reaches Triton after the unload began is refused as an unknown model
+        wait_for(
+            lambda: engine_counters(server.metrics_url).get("requests", 0) == rows + 2,
+            f"{rows + 2} requests handed to the engine",
+        )
         unload = requests.post(
             f"{server.url}/v2/repository/models/generate_stream/unload", timeout=60
         )

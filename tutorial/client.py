@@ -160,7 +160,8 @@ def model_stats(url: str, model: str) -> dict[str, Any]:
 
 def engine_counters(metrics_url: str, model: str = "generate_stream") -> dict[str, int]:
     """The generation engine's own counters, read from Triton's Prometheus metrics
-    (``generate_engine_<name>_total{model="generate_stream"}``): decode ``steps``, ``rows``,
+    (``generate_engine_<name>_total{model="generate_stream"}``): ``requests`` received, decode
+    ``steps``, ``rows``,
     ``mixed_steps`` (streaming and non-streaming requests in one step), ``prefills``,
     ``prefill_calls`` (calls that prefilled whole prompts), ``prefill_chunks`` (chunks of long
     prompts), ``cancelled``; and where the time went, in microseconds summed: ``queue_us``

@@ -326,6 +326,7 @@ class Unloading(RuntimeError):
 
 #: The engine's own counters (also published as Prometheus metrics, see Metrics).
 COUNTERS = {
+    "requests": "requests handed to the engine (in flight or queued)",
     "steps": "decode steps run",
     "rows": "rows over all decode steps (tokens made by decode steps)",
     "mixed_steps": "decode steps holding both a streaming and a non-streaming request",
@@ -396,6 +397,7 @@ class Engine:
         self.step_s = None  # a decode step's time, smoothed (EWMA)
         self.chunk_token_s = None  # a chunk's time per token, smoothed (EWMA)
         self.counters = dict.fromkeys(COUNTERS, 0)
+        self.counting = threading.Lock()  # count() runs on the engine's thread and in submit
         self.pending = queue.Queue()
         self.waiting = []  # taken from the queue, not yet admitted (did not fit)
         self.prefilling = []  # admitted, prompt longer than a chunk: prefilled a chunk per turn
@@ -425,6 +427,7 @@ class Engine:
         if self.stopping:
             job.finish(Unloading("the model is being unloaded: send the request again"))
             return
+        self.count({"requests": 1})
         self.pending.put(job)
 
     def stop(self):
@@ -435,8 +438,9 @@ class Engine:
         self.thread.join(timeout=30)
 
     def count(self, deltas):
-        for key, value in deltas.items():
-            self.counters[key] += value
+        with self.counting:
+            for key, value in deltas.items():
+                self.counters[key] += value
         try:
             self.publish(deltas)
         except Exception as exc:  # metrics are a report: never fail a step for them
