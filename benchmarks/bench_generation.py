@@ -479,7 +479,7 @@ def main() -> None:
     )
 
     res: dict = {"fp32": {}, "int8": {}}
-    stage("c) in-process onnxruntime loop fp32 ...")
+    stage("c) the server's engine in-process, and c0) a plain loop, fp32 ...")
     res["fp32"]["floor"] = floor_run(Path(onnx["with_past"]), prompt_ids, n, runs)
     tf = None
     if not args.skip_tf:
@@ -493,7 +493,7 @@ def main() -> None:
         weight_bytes["int8"] = export.weight_bytes_read_per_step(Path(onnx["with_past_int8"]))[
             "read_per_step"
         ]
-        stage("c) in-process onnxruntime loop int8 ...")
+        stage("c) the server's engine in-process, and c0) a plain loop, int8 ...")
         res["int8"]["floor"] = floor_run(Path(onnx["with_past_int8"]), prompt_ids, n, runs)
         from tutorial.repository import assemble_repository
 
