@@ -242,9 +242,8 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             continue
         ex = r["export"]
         secs = " / ".join(f"{ex[k]['s']:.0f}" for k in ("trace", "convert", "assemble"))
-        stages = {**ex, **r.get("checks", {})}
-        largest = max(stages, key=lambda k: stages[k]["peak_gb"])
-        peak = f"{stages[largest]['peak_gb']:.1f} ({largest})"
+        stage, peak_gb = sizes.largest_child(r)
+        peak = f"{peak_gb:.1f} ({stage})"
         disk = f"{sum(r['disk_gb'].values()):.1f}" if "disk_gb" in r else "-"
         lines.append(
             f"| {r['member']} | {r['dims']} | {r['parameters'] / 1e6:.0f}M | {secs} | {peak} "

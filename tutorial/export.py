@@ -404,8 +404,8 @@ def lean_quantizer() -> Any:
     ``save_and_reload_model_with_shape_infer`` call), holding two copies of the weights; here
     the shapes are inferred on the graph without its large weights and written into the same
     model. And it saves the result with onnx's external-data writer; here with
-    :func:`tutorial.onnx_surgery.write_external_data`. Measured on GPT-2 124M (0.65 GB fp32):
-    2.14 GB at the peak before, see docs/family.md for the members after."""
+    :func:`tutorial.onnx_surgery.write_external_data`. The memory before and after:
+    docs/performance.md, "The int8 quantization in half the memory"."""
     from onnxruntime.quantization import onnx_model, onnx_quantizer
     from onnxruntime.quantization.quant_utils import add_infer_metadata
 

@@ -65,8 +65,9 @@ def write_external_data(model: Any, path: Path, size_threshold: int = 1024) -> N
     already in external data keep pointing where they point. What ``onnx.save(...,
     save_as_external_data=True)`` writes (https://onnx.ai/onnx/repo-docs/ExternalData.html:
     ``location``, ``offset``, ``length``), without its memory: onnx 1.23 with the upb protobuf
-    held about four times the weights at its peak here (3.2 GB for GPT-2 124M's 0.65 GB),
-    this the model and one tensor (0.9 GB). ``model`` is left without those weights."""
+    held about four times the weights at its peak here (3.2 GB for GPT-2 124M's 0.65 GB,
+    2026-12-01), this the model and one tensor (0.9 GB). ``model`` is left without those
+    weights."""
     import onnx
 
     path = Path(path)

@@ -84,6 +84,14 @@ def describe(sizes: dict[str, Any]) -> str:
     )
 
 
+def largest_child(row: dict[str, Any]) -> tuple[str, float]:
+    """A family run's row (docs/family.json): notebook 02's child (export stage or check) that
+    peaked highest, and its peak resident memory in GB."""
+    stages = {**row["export"], **row.get("checks", {})}
+    largest = max(stages, key=lambda k: stages[k]["peak_gb"])
+    return largest, stages[largest]["peak_gb"]
+
+
 def measured_needs(model_info: dict[str, Any], results: Any = None) -> dict[str, Any] | None:
     """What this architecture needed when ``make family-bench`` ran it here (docs/family.json:
     the family member of the same layers, heads and width, so a fine-tune of one counts): the
@@ -103,13 +111,12 @@ def measured_needs(model_info: dict[str, Any], results: Any = None) -> dict[str,
     for row in json.loads(path.read_text())["rows"]:
         if row.get("dims") != dims or "export" not in row:
             continue
-        stages = {**row["export"], **row.get("checks", {})}
-        largest = max(stages, key=lambda k: stages[k]["peak_gb"])
+        stage, peak = largest_child(row)
         return {
             "member": row["member"],
             "when": row.get("when"),
-            "export_peak_gb": stages[largest]["peak_gb"],
-            "export_peak_stage": largest,
+            "export_peak_gb": peak,
+            "export_peak_stage": stage,
             "server_gb": row["server_gb"],
             "disk_gb": sum(row["disk_gb"].values()) if "disk_gb" in row else None,
         }

@@ -360,9 +360,10 @@ class Engine:
     from the times of the last steps and chunks (``clock``), so the decoders' next token is
     late by that share at most. ``prefill_batch_tokens`` (0: off) splits the short prompts
     taken together into calls of at most that many tokens (rows x the longest), one after
-    another in the same turn, so the first of them get their first token sooner. ``counters`` counts what it does (COUNTERS);
-    ``publish(deltas)`` is called after each step with what changed (it may hold them back),
-    and ``flush()`` before each request is answered.
+    another in the same turn, so the first of them get their first token sooner.
+    ``counters`` counts what it does (COUNTERS); ``publish(deltas)`` is called after each step
+    with what changed (it may hold them back), and ``flush()`` before each request is
+    answered.
     """
 
     def __init__(
