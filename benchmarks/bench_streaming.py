@@ -42,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_generation import parse_param  # noqa: E402
+
 from tutorial import common  # noqa: E402
 from tutorial.measure import PromptMaker  # noqa: E402
 from tutorial.streaming import latency_metrics, run_clients, timed_stream  # noqa: E402
@@ -265,6 +267,7 @@ def main() -> None:
     parser.add_argument("--sweep-clients", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument(
         "--param",
+        type=parse_param,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -290,7 +293,7 @@ def main() -> None:
             "prefill_chunk, so the long-prompt runs would measure one engine twice: run "
             "notebooks 03 again (make run), or pass --skip-long"
         )
-    for key in (p.split("=", 1)[0] for p in args.param):
+    for key, _ in args.param:
         if not engine_reads(Path(state["artifact_zip"]), key):
             raise SystemExit(
                 f"{state['artifact_zip']}: its generate_stream/1/model.py does not read the "
@@ -303,7 +306,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-streaming-", dir=common.workdir()) as tmp:
         servers = Servers(Path(state["artifact_zip"]), Path(tmp))
         if not args.skip_levels:
-            params = dict(p.split("=", 1) for p in args.param)
+            params = dict(args.param)
             server = servers.serve("levels", params)
             try:
                 alone = timed_stream(server.url, prompt.text, args.new_tokens)["tokens"]
