@@ -21,6 +21,7 @@ from tutorial.client import (  # noqa: F401
     stats_table,
     stream_generate,
     text_loop,
+    wait_for_engine_counter,
 )
 from tutorial.common import (  # noqa: F401
     OFFLINE_BANNER,

@@ -179,6 +179,27 @@ def engine_counters(metrics_url: str, model: str = "generate_stream") -> dict[st
     return {name: int(float(value)) for name, value in pattern.findall(response.text)}
 
 
+def wait_for_engine_counter(
+    metrics_url: str, name: str, value: int, timeout: float = 60.0
+) -> dict[str, int]:
+    """The engine's counters (:func:`engine_counters`) once ``name`` has reached ``value``;
+    raises after ``timeout`` seconds. A cancelled request leaves the batch at the engine's next
+    step, so its ``cancelled`` count goes up a moment after the client hangs up."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        counters = engine_counters(metrics_url)
+        if counters.get(name, 0) >= value:
+            return counters
+        if time.monotonic() > deadline:
+            raise TutorialError(
+                f"The engine's {name} counter stayed at {counters.get(name, 0)} for "
+                f"{timeout:.0f} s (waited for {value}): see the server's log."
+            )
+        time.sleep(0.1)
+
+
 def stats_table(url: str, models: list[str]) -> list[dict[str, Any]]:
     """Per model: requests served and mean ms per request in queue and in compute."""
     rows = []
