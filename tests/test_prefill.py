@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,17 +24,25 @@ pytestmark = pytest.mark.slow
 CHUNK = 8
 
 
-@pytest.fixture(scope="module")
-def step(tiny_workdir):
-    """The engine's module and a factory of engines on the tiny model's step model."""
+@pytest.fixture(scope="module", params=["per_layer", "stacked"])
+def step(request, tiny_workdir):
+    """The engine's module and a factory of engines on the tiny model's step model: the file
+    the repository serves (its cache per layer), and the exported one (one ``past`` array,
+    as a BLS step sends it)."""
+    import json
+
     from tutorial.repository import load_config
 
     module = load_model_module()
     folder = tiny_workdir / "model_repository" / "generate_stream"
     params = {k: v.string_value for k, v in load_config(folder / "config.pbtxt").parameters.items()}
     shape = [int(d) for d in params["empty_past_shape"].split(",")]
-    runner = module.SessionRunner(folder / "1" / "gpt2_with_past.onnx", 1, "cpu")
+    path = folder / "1" / "gpt2_with_past.onnx"
+    if request.param == "stacked":
+        path = json.loads((tiny_workdir / "state.json").read_text())["onnx"]["with_past"]
+    runner = module.SessionRunner(Path(path), 1, "cpu")
     runner.open(gpu_present=False)
+    assert (runner.cache_in == ["past"]) == (request.param == "stacked")
 
     def engine(chunk, max_batch=8, publish=None, batch_tokens=0):
         return module.Engine(

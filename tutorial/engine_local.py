@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tempfile
 import threading
 import time
 import types
 from pathlib import Path
 from typing import Any
 
-from tutorial.common import REPO_ROOT, TutorialError
+from tutorial.common import REPO_ROOT, TutorialError, workdir
 
 ENGINE_FILE = REPO_ROOT / "model_repository" / "generate_stream" / "1" / "model.py"
 
@@ -43,6 +44,19 @@ def load_engine_module(name: str = "generate_engine_local") -> Any:
     return module
 
 
+def engine_copy(path: Path, folder: Path) -> Path:
+    """``path`` (a step model with ``past``) written into ``folder`` with its KV cache per layer,
+    as :func:`tutorial.repository.assemble` writes the engine's file; its external data files
+    are linked beside it (they are not copied)."""
+    from tutorial.onnx_surgery import onnx_files, write_per_layer_cache
+
+    model_file, *data_files = onnx_files(path)
+    for data in data_files:
+        (folder / data.name).symlink_to(data.resolve())
+    write_per_layer_cache(model_file, folder / model_file.name)
+    return folder / model_file.name
+
+
 class LocalEngine:
     """The engine on an onnxruntime CPU session of ``path`` (a decoder with past), as the server
     makes it (``threads`` 0: onnxruntime's default, as the committed ``onnxruntime_threads``),
@@ -62,7 +76,10 @@ class LocalEngine:
 
         self.module = load_engine_module()
         past = next(i for i in ort_session(path).get_inputs() if i.name == "past").shape
-        self.runner = self.module.SessionRunner(Path(path), threads, device="cpu")
+        # the engine's own form of the file, as notebook 03 writes it into the repository
+        self._folder = tempfile.TemporaryDirectory(prefix="engine-local-", dir=workdir())
+        engine_file = engine_copy(Path(path), Path(self._folder.name))
+        self.runner = self.module.SessionRunner(engine_file, threads, device="cpu")
         self.runner.open(gpu_present=False)
         self.engine = self.module.Engine(
             self.runner,
@@ -104,3 +121,5 @@ class LocalEngine:
 
     def close(self) -> None:
         self.engine.stop()
+        self.runner.session = None
+        self._folder.cleanup()

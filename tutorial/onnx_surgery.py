@@ -1064,3 +1064,126 @@ def simplify_decoder(model: Any, attention: bool = True) -> dict[str, int]:
     if attention:
         done["attentions"] = fuse_attention(model)
     return {**done, "nodes_before": before, "nodes_after": len(model.graph.node)}
+
+
+def _squeezed_split(graph: Any, name: str, users: dict, inits: dict) -> list[str] | None:
+    """The tensors ``Squeeze(Split(name, axis 0)[i], axes [0])``, i = 0..; None unless
+    ``name`` feeds exactly that (a TensorFlow ``unstack``)."""
+    split = _sole_user(users, name, "Split")
+    axis = next((a.i for a in split.attribute if a.name == "axis"), 0) if split else None
+    if split is None or axis != 0:
+        return None
+    parts = []
+    for out in split.output:
+        squeeze = _sole_user(users, out, "Squeeze")
+        axes = None
+        if squeeze is not None and len(squeeze.input) > 1:
+            axes = _constant(inits, squeeze.input[1])
+        elif squeeze is not None:
+            axes = next((list(a.ints) for a in squeeze.attribute if a.name == "axes"), None)
+        if axes is None or list(np.asarray(axes).reshape(-1)) != [0]:
+            return None
+        parts.append(squeeze.output[0])
+    return parts
+
+
+def _unsqueezed_stack(node: Any, producers: dict, inits: dict) -> list[str] | None:
+    """The tensors ``x_i`` of ``Concat(Unsqueeze(x_i, axes [0]) ..., axis 0)`` (a TensorFlow
+    ``stack``) computed by ``node``; None unless it is that."""
+    axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+    if node.op_type != "Concat" or axis != 0:
+        return None
+    parts = []
+    for name in node.input:
+        unsqueeze = producers.get(name)
+        if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.input) < 2:
+            return None
+        axes = _constant(inits, unsqueeze.input[1])
+        if axes is None or list(np.asarray(axes).reshape(-1)) != [0]:
+            return None
+        parts.append(unsqueeze.input[0])
+    return parts
+
+
+def per_layer_cache(graph: Any) -> list[str]:
+    """Give a decoder with past its KV cache per layer, in place; the names of the new inputs.
+
+    The exported step model takes the whole cache as one tensor ``past`` [n_layer, 2, batch,
+    n_head, past, head_dim] and returns ``present`` likewise: in the graph, TensorFlow's
+    ``unstack`` splits ``past`` per layer (and, in the fp32 graph, into key and value) and
+    ``stack`` puts ``present`` together again, each a copy of the whole cache, every step.
+    Here each layer's key and value become inputs ``past_key_<i>``/``past_value_<i>`` [batch,
+    n_head, past, head_dim] and outputs ``present_key_<i>``/``present_value_<i>``; where a
+    layer's cache goes whole into one op (the int8 graph's fused attention), its input is
+    ``past_<i>`` [2, batch, ...] and its output ``present_<i>``. What is computed is the same;
+    only the copies go (``tests/test_engine_cache.py`` compares the two). Raises unless the
+    graph has the ``unstack``/``stack`` structure described."""
+    from onnx import TensorProto, helper
+
+    producers, users = _producers(graph), _consumers(graph)
+    inits = {t.name: t for t in graph.initializer}
+    past = next((v for v in graph.input if v.name == "past"), None)
+    present = producers.get("present")
+    layers = _squeezed_split(graph, "past", users, inits) if past is not None else None
+    stacked = _unsqueezed_stack(present, producers, inits) if present is not None else None
+    if not layers or not stacked or len(layers) != len(stacked):
+        raise TutorialError(
+            "per_layer_cache: the graph's `past` is not unstacked per layer and `present` not "
+            "stacked from the layers' caches as the exported step model does"
+        )
+    dims = [d.dim_param or d.dim_value for d in past.type.tensor_type.shape.dim]
+    batch, n_head, length, head_dim = dims[2], dims[3], dims[4], dims[5]
+    new_inputs, new_outputs = [], []
+
+    def cache_value(name: str, shape: list) -> Any:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    for i, (layer_past, layer_present) in enumerate(zip(layers, stacked)):
+        kv_in = _squeezed_split(graph, layer_past, users, inits)
+        kv_out = _unsqueezed_stack(producers[layer_present], producers, inits)
+        if kv_in and kv_out and len(kv_in) == len(kv_out) == 2:  # key and value apart
+            for kind, name_in, name_out in zip(("key", "value"), kv_in, kv_out):
+                rename_tensor(graph, name_in, f"past_{kind}_{i}")
+                rename_tensor(graph, name_out, f"present_{kind}_{i}")
+                new_inputs.append(
+                    cache_value(f"past_{kind}_{i}", [batch, n_head, length, head_dim])
+                )
+                new_outputs.append(
+                    cache_value(f"present_{kind}_{i}", [batch, n_head, f"{length}+n", head_dim])
+                )
+        else:  # the layer's cache [2, batch, ...] goes whole into one op
+            rename_tensor(graph, layer_past, f"past_{i}")
+            rename_tensor(graph, layer_present, f"present_{i}")
+            new_inputs.append(cache_value(f"past_{i}", [2, batch, n_head, length, head_dim]))
+            new_outputs.append(
+                cache_value(f"present_{i}", [2, batch, n_head, f"{length}+n", head_dim])
+            )
+    inputs = {v.name for v in new_inputs}
+    for i in reversed(range(len(graph.node))):  # what made the layers' caches from `past`
+        if inputs.intersection(graph.node[i].output):
+            del graph.node[i]
+    kept_inputs = [_copy(v) for v in graph.input if v.name != "past"]
+    kept_outputs = [_copy(v) for v in graph.output if v.name != "present"]
+    del graph.input[:]
+    graph.input.extend(kept_inputs + new_inputs)
+    del graph.output[:]
+    graph.output.extend(kept_outputs + new_outputs)
+    prune_unused(graph)
+    names = {v.name for v in [*graph.input, *graph.output]}
+    for i in reversed(range(len(graph.value_info))):  # shapes of what is now an input/output
+        if graph.value_info[i].name in names:
+            del graph.value_info[i]
+    return [v.name for v in new_inputs]
+
+
+def write_per_layer_cache(source: Path, dest: Path) -> list[str]:
+    """Write ``source`` (a step model with ``past``/``present``) at ``dest`` with its cache
+    per layer (:func:`per_layer_cache`); the cache inputs' names. Weights kept in an external
+    data file stay there: the new file names the same data file, which must sit beside it (the
+    caller copies it); weights stored in ``source`` itself are written into ``dest``."""
+    import onnx
+
+    model = load_for_rewrite(Path(source))
+    names = per_layer_cache(model.graph)
+    onnx.save(model, str(dest))
+    return names

@@ -120,7 +120,7 @@ def assemble_repository(
     show the learner.
     """
     from tutorial.export import onnx_signature
-    from tutorial.onnx_surgery import onnx_files
+    from tutorial.onnx_surgery import onnx_files, write_per_layer_cache
 
     if target.resolve() == template.resolve():
         raise TutorialError("Assemble into a separate folder; the committed template stays as is.")
@@ -162,9 +162,15 @@ def assemble_repository(
                 if step not in onnx_models:
                     raise TutorialError(f"No ONNX file given for model '{step}'.")
                 model_file, *data_files = onnx_files(onnx_models[step])
-                shutil.copyfile(model_file, dest / "1" / f"{step}.onnx")
                 for data in data_files:  # external data keeps its name: the file refers to it
                     shutil.copyfile(data, dest / "1" / data.name)
+                # the same model with its KV cache per layer: no copy of the whole cache to
+                # split and stack it every step (onnx_surgery.per_layer_cache)
+                names = write_per_layer_cache(model_file, dest / "1" / f"{step}.onnx")
+                changes.append(
+                    f"{name}: 1/{step}.onnx takes its KV cache per layer ({len(names)} inputs: "
+                    f"{names[0]}, ...)"
+                )
         write_config(config, dest / "config.pbtxt")
     changes += _set_empty_past_shapes(target, onnx_models)
     if model_info is not None:

@@ -98,6 +98,45 @@ def read_text(request) -> str:
     return value
 
 
+# --- the KV cache: the step model's one `past` array, or one array per layer ------------------
+# Every array is [..., batch, n_head, length, head_dim]: `past` [n_layer, 2, ...], a layer's
+# key or value [...] (the engine's own file, see SessionRunner), a layer's both [2, ...].
+
+
+def cache_map(cache, fn):
+    return tuple(fn(part) for part in cache) if isinstance(cache, tuple) else fn(cache)
+
+
+def cache_length(cache):
+    part = cache[0] if isinstance(cache, tuple) else cache
+    return part.shape[-2]
+
+
+def cache_rows(cache, rows, first):
+    """The rows ``rows`` of the batch, from column ``first`` of the length axis on."""
+
+    def take(part):
+        index = [slice(None)] * part.ndim
+        index[-4], index[-2] = rows, slice(first, None)
+        return part[tuple(index)]
+
+    return cache_map(cache, take)
+
+
+def cache_pad(cache, gap):
+    """``gap`` empty columns (zeros) on the left of the length axis."""
+    return cache_map(
+        cache, lambda part: np.pad(part, [(0, 0)] * (part.ndim - 2) + [(gap, 0), (0, 0)])
+    )
+
+
+def cache_stack(cache, rows):
+    """The batch's rows, then the rows ``rows`` (same length)."""
+    if isinstance(cache, tuple):
+        return tuple(np.concatenate([a, b], axis=a.ndim - 4) for a, b in zip(cache, rows))
+    return np.concatenate([cache, rows], axis=cache.ndim - 4)
+
+
 # --- who computes a step ---------------------------------------------------------------------
 
 
@@ -248,6 +287,7 @@ class SessionRunner:
         self.session = None
         self.device = "cpu"
         self.keep = []  # what the last step's binding points to (see run)
+        self.cache_in, self.cache_out = ["past"], ["present"]
 
     def open(self, gpu_present=None):
         import onnxruntime as ort
@@ -259,6 +299,11 @@ class SessionRunner:
         self.session, self.device = open_session(
             ort, self.path, options, self.want, self.cuda_options, gpu
         )
+        # The file notebook 03 puts here has its cache per layer (past_key_<i>, ...: no copy of
+        # the whole cache to split and stack it each step); the exported one takes `past`.
+        ids_mask = ("input_ids", "attention_mask")
+        self.cache_in = [i.name for i in self.session.get_inputs() if i.name not in ids_mask]
+        self.cache_out = [o.name for o in self.session.get_outputs() if o.name != "logits"]
         pb_utils.Logger.log_info(
             f"generate engine: opened an onnxruntime {ort.__version__} session of "
             f"{self.path.parent.parent.name}/{self.path.parent.name}/{self.path.name} on "
@@ -269,24 +314,45 @@ class SessionRunner:
     def numpy(self, cache):
         return cache if isinstance(cache, np.ndarray) else cache.numpy()
 
+    def split_past(self, past):
+        """A cache in this session's form, from one in the form of ``past`` [n_layer, 2, ...]."""
+        if self.cache_in == ["past"]:
+            return past
+        parts = []
+        for name in self.cache_in:  # past_key_<i>, past_value_<i> or past_<i>
+            kind, layer = name.split("_")[-2], int(name.split("_")[-1])
+            parts.append(
+                past[layer, 0]
+                if kind == "key"
+                else past[layer, 1]
+                if kind == "value"
+                else past[layer]
+            )
+        return tuple(parts)
+
     def run(self, ids, mask, past):
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
-        if isinstance(past, np.ndarray):
-            past = np.ascontiguousarray(past)
-            binding.bind_cpu_input("past", past)
-        else:
-            binding.bind_ortvalue_input("past", past)
+        parts = past if isinstance(past, tuple) else (past,)
+        bound = []
+        for name, part in zip(self.cache_in, parts, strict=True):
+            if isinstance(part, np.ndarray):
+                part = np.ascontiguousarray(part)
+                binding.bind_cpu_input(name, part)
+            else:
+                binding.bind_ortvalue_input(name, part)
+            bound.append(part)
         binding.bind_output("logits", "cpu")
-        binding.bind_output("present", self.device, 0)
+        for name in self.cache_out:
+            binding.bind_output(name, self.device, 0)
         self.session.run_with_iobinding(binding)
-        logits, present = binding.get_outputs()
+        logits, *present = binding.get_outputs()
         # onnxruntime 1.19 (Triton 24.10's) does not keep alive what a binding points to: the
         # inputs and this binding (which owns `present`, the next step's past) stay referenced
         # until the next step has run.
-        self.keep = [binding, ids, mask, past]
-        return logits.numpy(), present
+        self.keep = [binding, ids, mask, bound]
+        return logits.numpy(), tuple(present) if isinstance(past, tuple) else present[0]
 
 
 # --- the engine: requests in flight, one batch per step --------------------------------------
@@ -594,7 +660,9 @@ class Engine:
     def empty_past(self, rows):
         shape = list(self.past_shape)
         shape[2], shape[4] = rows, 0
-        return np.zeros(shape, np.float32)
+        empty = np.zeros(shape, np.float32)
+        split = getattr(self.runner, "split_past", None)  # the runner's form of the cache
+        return split(empty) if split else empty
 
     def prefill(self, jobs):
         """Whole prompts with an empty cache, in one call: each row padded on the left (mask
@@ -668,22 +736,22 @@ class Engine:
         if len(keep) < len(mask):  # drop the rows done, and the columns only they used
             mask = mask[keep]
             first = int(np.argmax(mask.any(axis=0)))
-            present = self.runner.numpy(present)[:, :, keep, :, first:]
+            present = cache_rows(cache_map(present, self.runner.numpy), keep, first)
             mask = mask[:, first:]
         if not self.active:
             self.active, self.cache, self.mask, self.held = jobs, present, mask, held
             return
         # Pad the shorter side on the left (mask 0) to a common length, then stack the rows.
-        batch = self.runner.numpy(self.cache)
-        rows = self.runner.numpy(present)
-        gap = batch.shape[4] - rows.shape[4]
+        batch = cache_map(self.cache, self.runner.numpy)
+        rows = cache_map(present, self.runner.numpy)
+        gap = cache_length(batch) - cache_length(rows)
         if gap > 0:
-            rows = np.pad(rows, [(0, 0)] * 4 + [(gap, 0), (0, 0)])
+            rows = cache_pad(rows, gap)
             mask = np.pad(mask, [(0, 0), (gap, 0)])
         elif gap < 0:
-            batch = np.pad(batch, [(0, 0)] * 4 + [(-gap, 0), (0, 0)])
+            batch = cache_pad(batch, -gap)
             self.mask = np.pad(self.mask, [(0, 0), (-gap, 0)])
-        self.cache = np.concatenate([batch, rows], axis=2)
+        self.cache = cache_stack(batch, rows)
         self.mask = np.concatenate([self.mask, mask], axis=0)
         self.held = ()
         self.active.extend(jobs)
@@ -734,7 +802,7 @@ class Engine:
         # Drop the finished rows, and the columns no remaining row uses (padding only).
         mask = self.mask[keep]
         first = int(np.argmax(mask.any(axis=0)))
-        self.cache = self.runner.numpy(self.cache)[:, :, keep, :, first:]
+        self.cache = cache_rows(cache_map(self.cache, self.runner.numpy), keep, first)
         self.mask = mask[:, first:]
 
 

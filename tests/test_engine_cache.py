@@ -1,0 +1,83 @@
+"""The engine's file takes its KV cache per layer (tutorial.onnx_surgery.per_layer_cache): the
+same model as the exported step model, without the copies that split `past` per layer and stack
+`present` again every step. Compared on the tiny model, fp32 and int8: the same logits and the
+same cache, bit for bit, for a left-padded batch with a past; and the file the repository
+serves is that rewrite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def per_layer_feeds(past: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """The parts of a stacked cache [n_layer, 2, ...] by the rewritten inputs' names."""
+    feeds = {}
+    for name in names:
+        kind, layer = name.split("_")[-2], int(name.split("_")[-1])
+        part = (
+            past[layer, 0] if kind == "key" else past[layer, 1] if kind == "value" else past[layer]
+        )
+        feeds[name] = np.ascontiguousarray(part)
+    return feeds
+
+
+@pytest.mark.parametrize("variant", ["with_past", "with_past_int8"])
+def test_the_per_layer_file_computes_what_the_exported_one_does(tiny_workdir, tmp_path, variant):
+    from tutorial.export import ort_session
+    from tutorial.onnx_surgery import write_per_layer_cache
+
+    source = Path(json.loads((tiny_workdir / "state.json").read_text())["onnx"][variant])
+    names = write_per_layer_cache(source, tmp_path / "step.onnx")
+    stacked, split = ort_session(source), ort_session(tmp_path / "step.onnx")
+    past_dims = next(i.shape for i in stacked.get_inputs() if i.name == "past")
+    n_layer, n_head, head_dim = past_dims[0], past_dims[3], past_dims[5]
+    if variant == "with_past":  # key and value apart
+        assert names[:2] == ["past_key_0", "past_value_0"] and len(names) == 2 * n_layer
+    else:  # the fused attention takes a layer's cache whole
+        assert names[:2] == ["past_0", "past_1"] and len(names) == n_layer
+    assert [i.name for i in split.get_inputs()] == ["input_ids", "attention_mask", *names]
+    outputs = [o.name for o in split.get_outputs()]
+    assert outputs == ["logits", *(n.replace("past", "present") for n in names)]
+
+    rng = np.random.default_rng(0)
+    rows, new, length = 3, 4, 9
+    ids = rng.integers(0, 1000, (rows, new)).astype(np.int32)
+    mask = np.ones((rows, length + new), np.int32)
+    mask[0, :5] = 0  # a row padded on the left
+    past = rng.standard_normal((n_layer, 2, rows, n_head, length, head_dim)).astype(np.float32)
+    logits, present = stacked.run(None, {"input_ids": ids, "attention_mask": mask, "past": past})
+    got = split.run(
+        None, {"input_ids": ids, "attention_mask": mask, **per_layer_feeds(past, names)}
+    )
+    assert np.array_equal(got[0], logits)
+    want = per_layer_feeds(present, names)
+    assert all(np.array_equal(part, want[name]) for name, part in zip(names, got[1:]))
+
+
+def test_the_repository_serves_the_per_layer_file(tiny_workdir):
+    from tutorial.export import ort_session
+
+    path = tiny_workdir / "model_repository" / "generate_stream" / "1" / "gpt2_with_past.onnx"
+    inputs = [i.name for i in ort_session(path).get_inputs()]
+    assert "past" not in inputs and inputs[2:4] == ["past_key_0", "past_value_0"]
+
+
+def test_a_graph_without_the_exported_structure_is_refused():
+    from onnx import TensorProto, helper
+
+    from tutorial.common import TutorialError
+    from tutorial.onnx_surgery import per_layer_cache
+
+    past = helper.make_tensor_value_info("past", TensorProto.FLOAT, [2, 2, 1, 2, 0, 4])
+    present = helper.make_tensor_value_info("present", TensorProto.FLOAT, [2, 2, 1, 2, 0, 4])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["past"], ["present"])], "g", [past], [present]
+    )
+    with pytest.raises(TutorialError, match="not unstacked per layer"):
+        per_layer_cache(graph)
