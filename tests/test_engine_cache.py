@@ -81,3 +81,33 @@ def test_a_graph_without_the_exported_structure_is_refused():
     )
     with pytest.raises(TutorialError, match="not unstacked per layer"):
         per_layer_cache(graph)
+
+
+def test_weights_in_an_external_data_file_stay_there(tiny_workdir, tmp_path):
+    """A model whose weights sit in a data file beside it (gpt2-large and gpt2-xl): the
+    per-layer file names the same data file and holds no weight itself."""
+    import onnx
+
+    from tutorial.export import ort_session
+    from tutorial.onnx_surgery import onnx_files, write_external_data, write_per_layer_cache
+
+    source = Path(json.loads((tiny_workdir / "state.json").read_text())["onnx"]["with_past"])
+    external = tmp_path / "with_past.onnx"
+    write_external_data(onnx.load(str(source)), external)
+    names = write_per_layer_cache(external, tmp_path / "step.onnx")
+    files = onnx_files(tmp_path / "step.onnx")
+    assert [f.name for f in files] == ["step.onnx", "with_past.onnx.data"]
+    assert (tmp_path / "step.onnx").stat().st_size < files[1].stat().st_size / 10
+
+    rng = np.random.default_rng(1)
+    past_dims = next(i.shape for i in ort_session(source).get_inputs() if i.name == "past")
+    past = rng.standard_normal([past_dims[0], 2, 2, past_dims[3], 5, past_dims[5]])
+    past = past.astype(np.float32)
+    ids = rng.integers(0, 1000, (2, 3)).astype(np.int32)
+    mask = np.ones((2, 8), np.int32)
+    want = ort_session(source).run(
+        ["logits"], {"input_ids": ids, "attention_mask": mask, "past": past}
+    )
+    feeds = {"input_ids": ids, "attention_mask": mask, **per_layer_feeds(past, names)}
+    got = ort_session(tmp_path / "step.onnx").run(["logits"], feeds)
+    assert np.array_equal(got[0], want[0])

@@ -150,15 +150,20 @@ def _fields(buf: Any, start: int, end: int) -> Any:
         pos = stop
 
 
-def _delimited(number: int, payload: bytes) -> bytes:
-    """One length-delimited protobuf field."""
+def _key_and_length(number: int, length: int) -> bytes:
+    """The start of a length-delimited protobuf field: its key and its length."""
     out, value = bytearray(), (number << 3) | 2
-    for v in (value, len(payload)):
+    for v in (value, length):
         while v >= 0x80:
             out.append((v & 0x7F) | 0x80)
             v >>= 7
         out.append(v)
-    return bytes(out) + payload
+    return bytes(out)
+
+
+def _delimited(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    return _key_and_length(number, len(payload)) + payload
 
 
 #: TensorProto's value fields (float_data, int32_data, string_data, int64_data, raw_data,
@@ -166,12 +171,14 @@ def _delimited(number: int, payload: bytes) -> bytes:
 _TENSOR_VALUES = {4, 5, 6, 7, 9, 10, 11}
 
 
-def load_without_weights(path: Path) -> Any:
+def load_without_weights(path: Path, small_bytes: int = 0) -> Any:
     """An ONNX file's ``ModelProto`` with every initializer's values left out (names, dtypes,
     shapes and external-data entries kept): its inputs, outputs, nodes and opsets, read
     without the memory of the weights. ``onnx.load`` parses a file whole, so a 1.6 GB model
     whose weights are inside it costs that much (and more) to ask for its signature; this
-    reads the protobuf fields through ``mmap`` and skips over the weights' bytes."""
+    reads the protobuf fields through ``mmap`` and skips over the weights' bytes. Initializers
+    stored in fewer than ``small_bytes`` bytes (constants, whose values rewrites read) are kept
+    whole."""
     import mmap
 
     import onnx
@@ -184,7 +191,7 @@ def load_without_weights(path: Path) -> Any:
                 continue
             graph = bytearray()
             for g_number, g_first, g_start, g_stop in _fields(buf, start, stop):
-                if g_number != 5:  # not an initializer
+                if g_number != 5 or g_stop - g_start < small_bytes:  # not a weight
                     graph += buf[g_first:g_stop]
                     continue
                 tensor = b"".join(
@@ -1176,14 +1183,54 @@ def per_layer_cache(graph: Any) -> list[str]:
     return [v.name for v in new_inputs]
 
 
+def write_rewritten(source: Path, dest: Path, rewrite: Any) -> Any:
+    """Write at ``dest`` the model of ``source`` with its graph changed by ``rewrite(graph)``
+    (which must leave the weights' values alone); returns what ``rewrite`` returns. The graph is
+    read without the weights (:func:`load_without_weights`) and each weight kept is copied from
+    ``source``'s bytes as it is, a slice at a time: the memory of the graph, not of the weights
+    (``onnx.load`` and ``onnx.save`` of a 650 MB model peaked at 3.2 GB). Weights kept in an
+    external data file stay there: ``dest`` names the same file, which must sit beside it."""
+    import mmap
+
+    model = load_without_weights(Path(source), small_bytes=1 << 16)
+    result = rewrite(model.graph)
+    kept = {t.name for t in model.graph.initializer}
+    del model.graph.initializer[:]
+    graph = model.graph.SerializeToString()
+    model.ClearField("graph")
+    with open(source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        weights = []  # (start, stop) of each initializer field kept, in source's bytes
+        for number, _, start, stop in _fields(buf, 0, len(buf)):
+            if number != 7:
+                continue
+            for g_number, g_first, g_start, g_stop in _fields(buf, start, stop):
+                if g_number != 5:
+                    continue
+                name = next(
+                    bytes(buf[t_start:t_stop]).decode()
+                    for t_number, _, t_start, t_stop in _fields(buf, g_start, g_stop)
+                    if t_number == 8
+                )
+                if name in kept:
+                    weights.append((g_first, g_stop))
+        length = len(graph) + sum(stop - start for start, stop in weights)
+        view = memoryview(buf)
+        try:
+            with open(dest, "wb") as out:
+                out.write(model.SerializeToString())
+                out.write(_key_and_length(7, length))
+                out.write(graph)
+                for start, stop in weights:
+                    for at in range(start, stop, 1 << 26):
+                        out.write(view[at : min(stop, at + (1 << 26))])
+        finally:
+            view.release()
+    return result
+
+
 def write_per_layer_cache(source: Path, dest: Path) -> list[str]:
     """Write ``source`` (a step model with ``past``/``present``) at ``dest`` with its cache
-    per layer (:func:`per_layer_cache`); the cache inputs' names. Weights kept in an external
-    data file stay there: the new file names the same data file, which must sit beside it (the
-    caller copies it); weights stored in ``source`` itself are written into ``dest``."""
-    import onnx
-
-    model = load_for_rewrite(Path(source))
-    names = per_layer_cache(model.graph)
-    onnx.save(model, str(dest))
-    return names
+    per layer (:func:`per_layer_cache`); the cache inputs' names. Weights stay where they are
+    stored: in the file (copied into ``dest``) or in an external data file, which ``dest``
+    names too and which must sit beside it (the caller copies it)."""
+    return write_rewritten(Path(source), Path(dest), per_layer_cache)
