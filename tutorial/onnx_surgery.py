@@ -1073,7 +1073,7 @@ def simplify_decoder(model: Any, attention: bool = True) -> dict[str, int]:
     return {**done, "nodes_before": before, "nodes_after": len(model.graph.node)}
 
 
-def _squeezed_split(graph: Any, name: str, users: dict, inits: dict) -> list[str] | None:
+def _squeezed_split(name: str, users: dict, inits: dict) -> list[str] | None:
     """The tensors ``Squeeze(Split(name, axis 0)[i], axes [0])``, i = 0..; None unless
     ``name`` feeds exactly that (a TensorFlow ``unstack``)."""
     split = _sole_user(users, name, "Split")
@@ -1131,7 +1131,7 @@ def per_layer_cache(graph: Any) -> list[str]:
     inits = {t.name: t for t in graph.initializer}
     past = next((v for v in graph.input if v.name == "past"), None)
     present = producers.get("present")
-    layers = _squeezed_split(graph, "past", users, inits) if past is not None else None
+    layers = _squeezed_split("past", users, inits) if past is not None else None
     stacked = _unsqueezed_stack(present, producers, inits) if present is not None else None
     if not layers or not stacked or len(layers) != len(stacked):
         raise TutorialError(
@@ -1146,7 +1146,7 @@ def per_layer_cache(graph: Any) -> list[str]:
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
     for i, (layer_past, layer_present) in enumerate(zip(layers, stacked)):
-        kv_in = _squeezed_split(graph, layer_past, users, inits)
+        kv_in = _squeezed_split(layer_past, users, inits)
         kv_out = _unsqueezed_stack(producers[layer_present], producers, inits)
         if kv_in and kv_out and len(kv_in) == len(kv_out) == 2:  # key and value apart
             for kind, name_in, name_out in zip(("key", "value"), kv_in, kv_out):
