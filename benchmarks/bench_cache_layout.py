@@ -1,5 +1,6 @@
-"""What the per-layer KV cache saves: the engine's step on the exported file (one ``past``
-tensor) against the file the repository serves (its cache per layer), in alternating rounds.
+"""What the engine's file saves: the engine's step on the exported file (one ``past`` tensor)
+against the file the repository serves (its cache per layer and, in fp32, the LM head on the
+last position only: :func:`tutorial.onnx_surgery.engine_step`), in alternating rounds.
 
     python benchmarks/bench_cache_layout.py                  # fp32 and int8 from notebook 02
     python benchmarks/bench_cache_layout.py --rounds 5 --steps 10

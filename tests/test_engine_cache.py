@@ -1,6 +1,7 @@
-"""The engine's file takes its KV cache per layer (tutorial.onnx_surgery.per_layer_cache): the
-same model as the exported step model, without the copies that split `past` per layer and stack
-`present` again every step. Compared on the tiny model, fp32 and int8: the same logits and the
+"""The engine's file takes its KV cache per layer (tutorial.onnx_surgery.per_layer_cache) and, in
+fp32, runs the LM head on the last position only (last_position_logits): the same model as the
+exported step model, without the copies that split `past` per layer and stack `present` again
+every step, nor the head over every new token. Compared on the tiny model, fp32 and int8: the same logits and the
 same cache, bit for bit, for a left-padded batch with a past; and the file the repository
 serves is that rewrite."""
 
@@ -29,11 +30,13 @@ def per_layer_feeds(past: np.ndarray, names: list[str]) -> dict[str, np.ndarray]
 
 @pytest.mark.parametrize("variant", ["with_past", "with_past_int8"])
 def test_the_per_layer_file_computes_what_the_exported_one_does(tiny_workdir, tmp_path, variant):
+    import onnx
+
     from tutorial.export import ort_session
-    from tutorial.onnx_surgery import write_per_layer_cache
+    from tutorial.onnx_surgery import write_engine_step
 
     source = Path(json.loads((tiny_workdir / "state.json").read_text())["onnx"][variant])
-    names = write_per_layer_cache(source, tmp_path / "step.onnx")
+    names = write_engine_step(source, tmp_path / "step.onnx")
     stacked, split = ort_session(source), ort_session(tmp_path / "step.onnx")
     past_dims = next(i.shape for i in stacked.get_inputs() if i.name == "past")
     n_layer, n_head, head_dim = past_dims[0], past_dims[3], past_dims[5]
@@ -44,6 +47,9 @@ def test_the_per_layer_file_computes_what_the_exported_one_does(tiny_workdir, tm
     assert [i.name for i in split.get_inputs()] == ["input_ids", "attention_mask", *names]
     outputs = [o.name for o in split.get_outputs()]
     assert outputs == ["logits", *(n.replace("past", "present") for n in names)]
+    # fp32: the LM head runs on the last position only; int8's is left as exported
+    graph = onnx.load(str(tmp_path / "step.onnx"), load_external_data=False).graph
+    assert any(n.name == "lm_head" for n in graph.node) == (variant == "with_past")
 
     rng = np.random.default_rng(0)
     rows, new, length = 3, 4, 9
@@ -89,12 +95,12 @@ def test_weights_in_an_external_data_file_stay_there(tiny_workdir, tmp_path):
     import onnx
 
     from tutorial.export import ort_session
-    from tutorial.onnx_surgery import onnx_files, write_external_data, write_per_layer_cache
+    from tutorial.onnx_surgery import onnx_files, write_engine_step, write_external_data
 
     source = Path(json.loads((tiny_workdir / "state.json").read_text())["onnx"]["with_past"])
     external = tmp_path / "with_past.onnx"
     write_external_data(onnx.load(str(source)), external)
-    names = write_per_layer_cache(external, tmp_path / "step.onnx")
+    names = write_engine_step(external, tmp_path / "step.onnx")
     files = onnx_files(tmp_path / "step.onnx")
     assert [f.name for f in files] == ["step.onnx", "with_past.onnx.data"]
     assert (tmp_path / "step.onnx").stat().st_size < files[1].stat().st_size / 10

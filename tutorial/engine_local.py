@@ -48,12 +48,12 @@ def engine_copy(path: Path, folder: Path) -> Path:
     """``path`` (a step model with ``past``) written into ``folder`` with its KV cache per layer,
     as :func:`tutorial.repository.assemble` writes the engine's file; its external data files
     are linked beside it (they are not copied)."""
-    from tutorial.onnx_surgery import onnx_files, write_per_layer_cache
+    from tutorial.onnx_surgery import onnx_files, write_engine_step
 
     model_file, *data_files = onnx_files(path)
     for data in data_files:
         (folder / data.name).symlink_to(data.resolve())
-    write_per_layer_cache(model_file, folder / model_file.name)
+    write_engine_step(model_file, folder / model_file.name)
     return folder / model_file.name
 
 

@@ -1228,9 +1228,62 @@ def write_rewritten(source: Path, dest: Path, rewrite: Any) -> Any:
     return result
 
 
-def write_per_layer_cache(source: Path, dest: Path) -> list[str]:
-    """Write ``source`` (a step model with ``past``/``present``) at ``dest`` with its cache
-    per layer (:func:`per_layer_cache`); the cache inputs' names. Weights stay where they are
-    stored: in the file (copied into ``dest``) or in an external data file, which ``dest``
-    names too and which must sit beside it (the caller copies it)."""
-    return write_rewritten(Path(source), Path(dest), per_layer_cache)
+def last_position_logits(graph: Any) -> bool:
+    """Run the LM head on the last position only, in place; whether the graph was changed.
+
+    The exported step model computes ``all_logits`` [batch, new tokens, vocab], the LM head
+    (the largest matrix, 768 x 50257 for 124M) on every new token, then keeps the last
+    position's: a prefill of 96 tokens paid for 96 heads to use 8. Here the last position is
+    taken first (the same Slice and Squeeze), then the head: the same logits (bit for bit here:
+    ``tests/test_engine_cache.py``). Only where the head is a plain ``MatMul`` (fp32); the int8
+    file's head quantizes its input with one scale over all positions, which taking the last
+    position first would change, so it is left as it is."""
+    from onnx import helper
+
+    producers = _producers(graph)
+    squeeze = producers.get("logits")
+    last = producers.get(squeeze.input[0]) if squeeze is not None else None
+    head = producers.get(last.input[0]) if last is not None else None
+    if (
+        squeeze is None
+        or squeeze.op_type != "Squeeze"
+        or last.op_type != "Slice"
+        or head is None
+        or head.op_type != "MatMul"
+    ):
+        return False
+    hidden = head.input[0]
+    graph.node.remove(squeeze)
+    graph.node.extend(
+        [
+            helper.make_node(
+                "Slice", [hidden, *last.input[1:]], ["last_hidden_3d"], name="last_position"
+            ),
+            helper.make_node(
+                "Squeeze",
+                ["last_hidden_3d", *squeeze.input[1:]],
+                ["last_hidden"],
+                name="last_position_squeeze",
+            ),
+            helper.make_node("MatMul", ["last_hidden", head.input[1]], ["logits"], name="lm_head"),
+        ]
+    )
+    prune_unused(graph)  # the head over every position and its slice
+    return True
+
+
+def engine_step(graph: Any) -> list[str]:
+    """The engine's step model from the exported one, in place: its KV cache per layer
+    (:func:`per_layer_cache`, whose input names it returns) and the LM head on the last
+    position only (:func:`last_position_logits`)."""
+    names = per_layer_cache(graph)
+    last_position_logits(graph)
+    return names
+
+
+def write_engine_step(source: Path, dest: Path) -> list[str]:
+    """Write ``source`` (a step model with ``past``/``present``) at ``dest`` as the engine runs
+    it (:func:`engine_step`); the cache inputs' names. Weights stay where they are stored: in
+    the file (copied into ``dest``) or in an external data file, which ``dest`` names too and
+    which must sit beside it (the caller copies it)."""
+    return write_rewritten(Path(source), Path(dest), engine_step)

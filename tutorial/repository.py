@@ -120,7 +120,7 @@ def assemble_repository(
     show the learner.
     """
     from tutorial.export import onnx_signature
-    from tutorial.onnx_surgery import onnx_files, write_per_layer_cache
+    from tutorial.onnx_surgery import onnx_files, write_engine_step
 
     if target.resolve() == template.resolve():
         raise TutorialError("Assemble into a separate folder; the committed template stays as is.")
@@ -164,9 +164,10 @@ def assemble_repository(
                 model_file, *data_files = onnx_files(onnx_models[step])
                 for data in data_files:  # external data keeps its name: the file refers to it
                     shutil.copyfile(data, dest / "1" / data.name)
-                # the same model with its KV cache per layer: no copy of the whole cache to
-                # split and stack it every step (onnx_surgery.per_layer_cache)
-                names = write_per_layer_cache(model_file, dest / "1" / f"{step}.onnx")
+                # the same model with its KV cache per layer (no copy of the whole cache to
+                # split and stack it every step) and the LM head on the last position only
+                # (onnx_surgery.engine_step)
+                names = write_engine_step(model_file, dest / "1" / f"{step}.onnx")
                 changes.append(
                     f"{name}: 1/{step}.onnx takes its KV cache per layer ({len(names)} inputs: "
                     f"{names[0]}, ...)"
