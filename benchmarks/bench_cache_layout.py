@@ -8,7 +8,8 @@ last position only: :func:`tutorial.onnx_surgery.engine_step`), in alternating r
 Each case runs the engine's own ``SessionRunner`` (``generate_stream/1/model.py``: its session
 options and IO binding) on a cache of ``rows`` x ``length`` tokens: decode steps (1 new token a
 row, the cache fed back each step as the engine does) and prefill chunks (one row, ``chunk``
-tokens after ``length`` cached: the chunked prefill of a long prompt). Per case it prints the
+tokens after ``length`` cached: the chunked prefill of a long prompt) and prefills (prompts
+with nothing cached). Per case it prints the
 median over rounds of each round's median step time for both files, and their ratio. The cache
 here is random: times do not depend on its values.
 """
@@ -32,6 +33,7 @@ from tutorial.export import ort_session  # noqa: E402
 
 DECODE = [(1, 62), (8, 62), (8, 150), (16, 150), (16, 512)]  # (rows, cached tokens)
 CHUNKS = [(16, 974), (32, 958)]  # (chunk tokens, cached tokens), one row
+PREFILLS = [(1, 12), (8, 12), (1, 128)]  # (rows, prompt tokens), nothing cached
 
 
 def step_times(runner, past, rows, new, length, steps, rng):
@@ -69,12 +71,13 @@ def main() -> None:
         n_layer, n_head, head_dim = past_dims[0], past_dims[3], past_dims[5]
         with tempfile.TemporaryDirectory(prefix="cache-layout-", dir=workdir()) as folder:
             runners = {}
-            for form, path in (("one past", model), ("per layer", None)):
+            for form, path in (("exported", model), ("engine's", None)):
                 path = path or engine_copy(model, Path(folder))
                 runner = module.SessionRunner(path, args.threads, device="cpu")
                 runners[form] = runner.open(gpu_present=False)
             cases = [("decode", rows, 1, length) for rows, length in DECODE]
             cases += [("chunk", 1, chunk, length) for chunk, length in CHUNKS]
+            cases += [("prefill", rows, new, 0) for rows, new in PREFILLS]
             for kind, rows, new, length in cases:
                 past = rng.standard_normal((n_layer, 2, rows, n_head, length, head_dim))
                 past = past.astype(np.float32)
@@ -88,15 +91,15 @@ def main() -> None:
                 row = {
                     "model": model.name,
                     "case": f"{kind}: {rows} row(s) x {new} new, {length} cached",
-                    "one_past_ms": round(one, 2),
-                    "per_layer_ms": round(split, 2),
+                    "exported_ms": round(one, 2),
+                    "engine_ms": round(split, 2),
                     "ratio": round(split / one, 3),
                     "rounds_ms": {f: [round(1e3 * t, 2) for t in r] for f, r in rounds.items()},
                 }
                 results.append(row)
                 print(
-                    f"{row['model']:28} {row['case']:40} one past {one:7.2f} ms  "
-                    f"per layer {split:7.2f} ms  ({split / one:.2f}x)",
+                    f"{row['model']:28} {row['case']:40} exported {one:7.2f} ms  "
+                    f"engine's {split:7.2f} ms  ({split / one:.2f}x)",
                     flush=True,
                 )
     out = paths()["results_dir"] / "bench_cache_layout.json"
