@@ -36,7 +36,8 @@ def test_the_per_layer_file_computes_what_the_exported_one_does(tiny_workdir, tm
     from tutorial.onnx_surgery import write_engine_step
 
     source = Path(json.loads((tiny_workdir / "state.json").read_text())["onnx"][variant])
-    names = write_engine_step(source, tmp_path / "step.onnx")
+    done = write_engine_step(source, tmp_path / "step.onnx")
+    names = done["cache_inputs"]
     stacked, split = ort_session(source), ort_session(tmp_path / "step.onnx")
     past_dims = next(i.shape for i in stacked.get_inputs() if i.name == "past")
     n_layer, n_head, head_dim = past_dims[0], past_dims[3], past_dims[5]
@@ -50,6 +51,7 @@ def test_the_per_layer_file_computes_what_the_exported_one_does(tiny_workdir, tm
     # fp32: the LM head runs on the last position only; int8's is left as exported
     graph = onnx.load(str(tmp_path / "step.onnx"), load_external_data=False).graph
     assert any(n.name == "lm_head" for n in graph.node) == (variant == "with_past")
+    assert done["last_position_head"] == (variant == "with_past")
 
     rng = np.random.default_rng(0)
     rows, new, length = 3, 4, 9
@@ -100,7 +102,7 @@ def test_weights_in_an_external_data_file_stay_there(tiny_workdir, tmp_path):
     source = Path(json.loads((tiny_workdir / "state.json").read_text())["onnx"]["with_past"])
     external = tmp_path / "with_past.onnx"
     write_external_data(onnx.load(str(source)), external)
-    names = write_engine_step(external, tmp_path / "step.onnx")
+    names = write_engine_step(external, tmp_path / "step.onnx")["cache_inputs"]
     files = onnx_files(tmp_path / "step.onnx")
     assert [f.name for f in files] == ["step.onnx", "with_past.onnx.data"]
     assert (tmp_path / "step.onnx").stat().st_size < files[1].stat().st_size / 10

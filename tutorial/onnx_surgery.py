@@ -1272,18 +1272,17 @@ def last_position_logits(graph: Any) -> bool:
     return True
 
 
-def engine_step(graph: Any) -> list[str]:
+def engine_step(graph: Any) -> dict[str, Any]:
     """The engine's step model from the exported one, in place: its KV cache per layer
-    (:func:`per_layer_cache`, whose input names it returns) and the LM head on the last
-    position only (:func:`last_position_logits`)."""
+    (:func:`per_layer_cache`; ``cache_inputs``: the inputs' names) and the LM head on the last
+    position only (:func:`last_position_logits`; ``last_position_head``: whether it applied)."""
     names = per_layer_cache(graph)
-    last_position_logits(graph)
-    return names
+    return {"cache_inputs": names, "last_position_head": last_position_logits(graph)}
 
 
-def write_engine_step(source: Path, dest: Path) -> list[str]:
+def write_engine_step(source: Path, dest: Path) -> dict[str, Any]:
     """Write ``source`` (a step model with ``past``/``present``) at ``dest`` as the engine runs
-    it (:func:`engine_step`); the cache inputs' names. Weights stay where they are stored: in
+    it (:func:`engine_step`, whose summary it returns). Weights stay where they are stored: in
     the file (copied into ``dest``) or in an external data file, which ``dest`` names too and
     which must sit beside it (the caller copies it)."""
     return write_rewritten(Path(source), Path(dest), engine_step)

@@ -167,10 +167,12 @@ def assemble_repository(
                 # the same model with its KV cache per layer (no copy of the whole cache to
                 # split and stack it every step) and the LM head on the last position only
                 # (onnx_surgery.engine_step)
-                names = write_engine_step(model_file, dest / "1" / f"{step}.onnx")
+                done = write_engine_step(model_file, dest / "1" / f"{step}.onnx")
+                names = done["cache_inputs"]
                 changes.append(
                     f"{name}: 1/{step}.onnx takes its KV cache per layer ({len(names)} inputs: "
                     f"{names[0]}, ...)"
+                    + (", LM head on the last position only" if done["last_position_head"] else "")
                 )
         write_config(config, dest / "config.pbtxt")
     changes += _set_empty_past_shapes(target, onnx_models)
