@@ -119,3 +119,16 @@ def test_weights_in_an_external_data_file_stay_there(tiny_workdir, tmp_path):
     feeds = {"input_ids": ids, "attention_mask": mask, **per_layer_feeds(past, names)}
     got = ort_session(tmp_path / "step.onnx").run(["logits"], feeds)
     assert np.array_equal(got[0], want[0])
+
+
+def test_the_lm_head_is_left_alone_unless_it_is_the_exported_one():
+    from onnx import TensorProto, helper
+
+    from tutorial.onnx_surgery import last_position_logits
+
+    hidden = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, 4])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["hidden"], ["logits"])], "g", [hidden], [logits]
+    )
+    assert last_position_logits(graph) is False and len(graph.node) == 1

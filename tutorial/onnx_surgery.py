@@ -1241,17 +1241,14 @@ def last_position_logits(graph: Any) -> bool:
     from onnx import helper
 
     producers = _producers(graph)
-    squeeze = producers.get("logits")
-    last = producers.get(squeeze.input[0]) if squeeze is not None else None
-    head = producers.get(last.input[0]) if last is not None else None
-    if (
-        squeeze is None
-        or squeeze.op_type != "Squeeze"
-        or last.op_type != "Slice"
-        or head is None
-        or head.op_type != "MatMul"
-    ):
-        return False
+    chain, name = [], "logits"
+    for op_type in ("Squeeze", "Slice", "MatMul"):  # logits = Squeeze(Slice(MatMul(h, W)))
+        node = producers.get(name)
+        if node is None or node.op_type != op_type:
+            return False
+        chain.append(node)
+        name = node.input[0]
+    squeeze, last, head = chain
     hidden = head.input[0]
     graph.node.remove(squeeze)
     graph.node.extend(
