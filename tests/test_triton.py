@@ -9,7 +9,13 @@ import pytest
 import requests
 
 from tests.conftest import require_local_triton
-from tutorial.client import infer_json, next_token_requests, reference_generate, reference_text_loop
+from tutorial.client import (
+    infer_json,
+    next_token_requests,
+    reference_generate,
+    reference_text_loop,
+    wait_for_engine_counter,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -358,10 +364,7 @@ def test_streaming_and_non_streaming_requests_share_one_engine_step(triton_serve
         if len(streamed) >= 40:
             break
     events.close()
-    wait_for(
-        lambda: counter_deltas(triton_server, before)["cancelled"] == 1,
-        "the engine's count of cancelled requests going up",
-    )
+    wait_for_engine_counter(triton_server.metrics_url, "cancelled", before["cancelled"] + 1)
     delta = counter_deltas(triton_server, before)
     assert ids == reference_generate(tf_model, tok, PROMPT, 20)
     assert streamed == reference_generate(tf_model, tok, "Hello world", len(streamed))
@@ -445,10 +448,7 @@ def test_a_stream_closed_mid_way_leaves_the_batch(triton_server, tiny_reference)
         result, error = responses.get(timeout=60)  # its first token: the request is in flight
         assert error is None, error
         client.stop_stream(cancel_requests=True)
-        wait_for(
-            lambda: counter_deltas(triton_server, before)["cancelled"] == 1,
-            "the engine's count of cancelled requests going up",
-        )
+        wait_for_engine_counter(triton_server.metrics_url, "cancelled", before["cancelled"] + 1)
     finally:
         client.close()
     delta = counter_deltas(triton_server, before)
