@@ -184,6 +184,9 @@ def test_a_long_prompt_arriving_while_others_decode(step, tiny_reference):
     assert order.count("prefill_chunks") == 13
     first, last = order.index("prefill_chunks"), len(order) - order[::-1].index("prefill_chunks")
     assert order[first:last].count("steps") == 12  # one decode step after each chunk but the last
+    # fp32, per layer: each chunk ran in its decode step's call (two groups, one read of the
+    # weights); the exported file runs them apart
+    assert engine.counters["chunk_steps"] == (13 if engine.runner.two_groups else 0)
 
 
 def test_a_prompt_that_reaches_the_context_end(step, tiny_reference):

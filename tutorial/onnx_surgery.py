@@ -1194,12 +1194,8 @@ def write_rewritten(source: Path, dest: Path, rewrite: Any) -> Any:
 
     model = load_without_weights(Path(source), small_bytes=1 << 16)
     result = rewrite(model.graph)
-    kept = {t.name for t in model.graph.initializer}
-    del model.graph.initializer[:]
-    graph = model.graph.SerializeToString()
-    model.ClearField("graph")
     with open(source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        weights = []  # (start, stop) of each initializer field kept, in source's bytes
+        stored = {}  # name: (start, stop) of each initializer field in source's bytes
         for number, _, start, stop in _fields(buf, 0, len(buf)):
             if number != 7:
                 continue
@@ -1211,8 +1207,13 @@ def write_rewritten(source: Path, dest: Path, rewrite: Any) -> Any:
                     for t_number, _, t_start, t_stop in _fields(buf, g_start, g_stop)
                     if t_number == 8
                 )
-                if name in kept:
-                    weights.append((g_first, g_stop))
+                stored[name] = (g_first, g_stop)
+        weights = [stored[t.name] for t in model.graph.initializer if t.name in stored]
+        for i in reversed(range(len(model.graph.initializer))):  # new ones stay in the graph
+            if model.graph.initializer[i].name in stored:
+                del model.graph.initializer[i]
+        graph = model.graph.SerializeToString()
+        model.ClearField("graph")
         length = len(graph) + sum(stop - start for start, stop in weights)
         view = memoryview(buf)
         try:
@@ -1271,10 +1272,16 @@ def last_position_logits(graph: Any) -> bool:
 
 def engine_step(graph: Any) -> dict[str, Any]:
     """The engine's step model from the exported one, in place: its KV cache per layer
-    (:func:`per_layer_cache`; ``cache_inputs``: the inputs' names) and the LM head on the last
-    position only (:func:`last_position_logits`; ``last_position_head``: whether it applied)."""
+    (:func:`per_layer_cache`; ``cache_inputs``: the inputs' names), the LM head on the last
+    position only (:func:`last_position_logits`; ``last_position_head``: whether it applied)
+    and, where that applied (fp32), a second group of rows (:func:`two_groups`: a long prompt's
+    chunk in the decode step's call; ``two_groups``)."""
     names = per_layer_cache(graph)
-    return {"cache_inputs": names, "last_position_head": last_position_logits(graph)}
+    head = last_position_logits(graph)
+    two = head and "chunk_input_ids" not in {v.name for v in graph.input}
+    if two:
+        two_groups(graph)
+    return {"cache_inputs": names, "last_position_head": head, "two_groups": two}
 
 
 def write_engine_step(source: Path, dest: Path) -> dict[str, Any]:
@@ -1283,3 +1290,284 @@ def write_engine_step(source: Path, dest: Path) -> dict[str, Any]:
     the file (copied into ``dest``) or in an external data file, which ``dest`` names too and
     which must sit beside it (the caller copies it)."""
     return write_rewritten(Path(source), Path(dest), engine_step)
+
+
+CHUNK = "chunk_"  # the second group's inputs and outputs: chunk_input_ids, chunk_past_key_0, ...
+
+
+def _reach(graph: Any, start: set[str], down: bool, stop: frozenset = frozenset()) -> set[str]:
+    """Names of the tensors reachable from ``start``: downstream (what depends on them) or
+    upstream (what they depend on), not going past ``stop``."""
+    seen, todo = set(start), [n for n in start if n not in stop]
+    users, producers = _consumers(graph), _producers(graph)
+    while todo:
+        name = todo.pop()
+        nodes = users.get(name, []) if down else [producers[name]] if name in producers else []
+        for node in nodes:
+            for other in node.output if down else node.input:
+                if other and other not in seen:
+                    seen.add(other)
+                    if other not in stop:
+                        todo.append(other)
+    return seen
+
+
+def _clone(graph: Any, nodes: list[Any], rename: dict[str, str], suffix: str) -> list[Any]:
+    """Copies of ``nodes`` whose outputs get ``suffix`` and whose inputs are renamed the same
+    way (or by ``rename``) when they are one of the copies' outputs."""
+    made = {out for node in nodes for out in node.output if out}
+    names = dict(rename)
+    names.update({out: out + suffix for out in made if out not in names})
+    copies = []
+    for node in nodes:
+        copy = _copy(node)
+        copy.name = node.name + suffix
+        copy.input[:] = [names.get(n, n) for n in node.input]
+        copy.output[:] = [names.get(n, n) if n else n for n in node.output]
+        copies.append(copy)
+    return copies
+
+
+def _topological(graph: Any) -> list[Any]:
+    """The graph's nodes, each after the nodes that make its inputs."""
+    producers = _producers(graph)
+    done, order = set(), []
+    for root in graph.node:
+        stack = [(root, False)]
+        while stack:
+            node, ready = stack.pop()
+            if id(node) in done:
+                continue
+            if ready:
+                done.add(id(node))
+                order.append(node)
+                continue
+            stack.append((node, True))
+            for name in node.input:
+                before = producers.get(name)
+                if before is not None and id(before) not in done:
+                    stack.append((before, False))
+    return order
+
+
+def two_groups(graph: Any) -> dict[str, Any]:
+    """Give the engine's step model (:func:`engine_step`, fp32) a second group of rows, in
+    place, so that a long prompt's chunk and the decode step of the rows in flight run as one
+    call: one read of the weights for both. Inputs ``chunk_input_ids``,
+    ``chunk_attention_mask`` and ``chunk_past_key_<i>``/``chunk_past_value_<i>`` are the second
+    group's ids, mask and cache (its own batch, lengths and padding); outputs
+    ``chunk_present_...`` its cache, and ``logits`` [rows of both groups, vocab] each row's last
+    position, the first group's rows first. The second group may have no token ([1, 0] ids): a plain step.
+
+    Every token of both groups goes through the layer norms and linear layers together (they
+    work token by token, as TensorFlow's Conv1D flattens its input); each group's attention,
+    mask, causal mask and positions are the exported graph's own nodes, run once per group
+    (copied for the second). So each group's logits and cache are what a call with that group
+    alone gives: bit for bit when the second group is empty (``chunk_input_ids`` [1, 0], its
+    cache [1, n_head, 0, head_dim]: a decode step), and to float rounding when both have
+    tokens (the products run over more rows; ``tests/test_engine_cache.py``). Raises unless the
+    graph is the fp32 engine step model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = [v.name for v in graph.input]
+    layers = sorted(int(n.rsplit("_", 1)[1]) for n in names if n.startswith("past_key_"))
+    producers, users = _producers(graph), _consumers(graph)
+    inits = {t.name: t for t in graph.initializer}
+    head = producers.get("logits")
+    last = producers.get(head.input[0]) if head is not None and head.op_type == "MatMul" else None
+    if (
+        not layers
+        or {"input_ids", "attention_mask"} - set(names)
+        or last is None
+        or last.op_type != "Squeeze"
+        or producers.get(last.input[0]) is None
+        or producers[last.input[0]].op_type != "Slice"
+    ):
+        raise TutorialError(
+            "two_groups: not the fp32 engine step model (inputs input_ids, attention_mask, "
+            "past_key_<i>/past_value_<i>; the LM head on the last position)"
+        )
+    group_inputs = {"input_ids", "attention_mask"}
+    # The front: what only the ids and the mask decide (embeddings, positions, masks, shapes).
+    inputs = set(names)
+    depends = {n: {n} for n in inputs}
+    front = []
+    for node in _topological(graph):
+        from_inputs = set().union(*(depends.get(i, set()) for i in node.input if i))
+        for out in node.output:
+            depends[out] = from_inputs
+        if from_inputs and from_inputs <= group_inputs:
+            front.append(node)
+    # The hidden state entering the first block: the Add of the token and position embeddings.
+    wte = next((n for n in front if n.op_type == "Gather" and "wte" in n.input[0]), None)
+    hidden = None
+    if wte is not None:
+        for user in users.get(wte.output[0], []):
+            if user.op_type == "Add":
+                hidden = user.output[0]
+    if hidden is None:
+        raise TutorialError("two_groups: no token embedding (a Gather of `wte`) found")
+    after = _reach(graph, {hidden}, down=True) - {hidden}  # the first block onwards
+    front = [n for n in front if not after.intersection(n.output)]
+    front_out = {out for node in front for out in node.output}
+    slice_node = producers[last.input[0]]
+    new_nodes: list[Any] = []
+    rename_in = {"input_ids": CHUNK + "input_ids", "attention_mask": CHUNK + "attention_mask"}
+    front_b = _clone(graph, front, rename_in, "__chunk")
+    new_nodes += front_b
+    # A group with no new token ([rows, 0] ids) must run too: a Reshape to [-1, tokens] cannot
+    # (nothing to divide by), and [0, tokens] (0: keep the input's dimension) is the same shape.
+    for copy in front_b:
+        if copy.op_type != "Concat" or not copy.input:
+            continue
+        first = _constant(inits, copy.input[0])
+        if first is not None and first.reshape(-1).tolist() == [-1]:
+            keep = f"two_groups/keep_dim_{first.dtype}"
+            if keep not in inits:
+                inits[keep] = numpy_helper.from_array(np.zeros(1, first.dtype), keep)
+                graph.initializer.append(inits[keep])
+            copy.input[0] = keep
+    hidden_b = hidden + "__chunk"
+    consts = [
+        helper.make_tensor("two_groups/flat_shape", TensorProto.INT64, [3], [1, -1, 0]),
+        helper.make_tensor("two_groups/minus_one", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor("two_groups/zero", TensorProto.INT64, [], [0]),
+        helper.make_tensor("two_groups/one", TensorProto.INT64, [], [1]),
+        helper.make_tensor("two_groups/axis0", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("two_groups/axis1", TensorProto.INT64, [1], [1]),
+    ]
+    graph.initializer.extend(consts)
+
+    def node(op, ins, out, **attrs):
+        new_nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
+        return out
+
+    # Each group's rows x tokens, and how many tokens that is.
+    sizes = {}
+    for tag, ids in (("a", "input_ids"), ("b", CHUNK + "input_ids")):
+        shape = node("Shape", [ids], f"two_groups/{tag}_shape")
+        rows = node("Gather", [shape, "two_groups/zero"], f"two_groups/{tag}_rows", axis=0)
+        width = node("Gather", [shape, "two_groups/one"], f"two_groups/{tag}_width", axis=0)
+        count = node("Mul", [rows, width], f"two_groups/{tag}_tokens")
+        sizes[tag] = (shape, rows, width, count)
+    count_a = node("Unsqueeze", [sizes["a"][3], "two_groups/axis0"], "two_groups/a_tokens_1d")
+    # The hidden state of both groups' tokens as one sequence [1, tokens, width].
+    flat_a = node("Reshape", [hidden, "two_groups/flat_shape"], "two_groups/hidden_a")
+    flat_b = node("Reshape", [hidden_b, "two_groups/flat_shape"], "two_groups/hidden_b")
+    joined = node("Concat", [flat_a, flat_b], "two_groups/hidden", axis=1)
+    for user in users.get(hidden, []):
+        if user not in front:
+            user.input[:] = [joined if n == hidden else n for n in user.input]
+    # Each layer's attention, once per group.
+    for i in layers:
+        key, value = f"past_key_{i}", f"past_value_{i}"
+        present_k, present_v = f"present_key_{i}", f"present_value_{i}"
+        split = producers[producers[producers[present_k].input[1]].input[0]].input[0]
+        split_node = producers[split]
+        if split_node.op_type != "Split":
+            raise TutorialError(f"two_groups: layer {i}'s keys do not come from a Split")
+        x = split_node.input[0]  # the c_attn output [1, tokens, 3 x width]
+        mm = [u for u in users[present_v] if u.op_type == "MatMul"]
+        tr = users[mm[0].output[0]][0] if mm else None
+        rs = users[tr.output[0]][0] if tr is not None else None
+        if not mm or tr.op_type != "Transpose" or rs.op_type != "Reshape":
+            raise TutorialError(f"two_groups: layer {i}'s attention output not found")
+        y = rs.output[0]  # the heads merged [rows, tokens, width]
+        down = _reach(graph, {x, key, value} | (front_out - {hidden}), down=True)
+        up = _reach(graph, {y, present_k, present_v}, down=False, stop=frozenset(front_out | {x}))
+        chain = [
+            n
+            for n in graph.node
+            if n not in front and x not in n.output and set(n.output) & down & up
+        ]
+        # The first group: its part of the sequence, in its own rows x tokens.
+        part_a = node(
+            "Slice", [x, "two_groups/axis0", count_a, "two_groups/axis1"], f"two_groups/{i}/x_a"
+        )
+        width3 = node("Shape", [x], f"two_groups/{i}/x_shape", start=2)
+        shape_a = node("Concat", [sizes["a"][0], width3], f"two_groups/{i}/x_a_shape", axis=0)
+        x_a = node("Reshape", [part_a, shape_a], f"two_groups/{i}/x_a_rows")
+        part_b = node(
+            "Slice",
+            [x, count_a, "two_groups/minus_one", "two_groups/axis1"],
+            f"two_groups/{i}/x_b",
+        )
+        # `ends` -1 would drop the last token: slice to the end with INT64 max instead.
+        new_nodes[-1].input[2] = "two_groups/to_end"
+        shape_b = node("Concat", [sizes["b"][0], width3], f"two_groups/{i}/x_b_shape", axis=0)
+        x_b = node("Reshape", [part_b, shape_b], f"two_groups/{i}/x_b_rows")
+        rename = {
+            x: x_b,
+            key: CHUNK + key,
+            value: CHUNK + value,
+            present_k: CHUNK + present_k,
+            present_v: CHUNK + present_v,
+        }
+        rename.update({out: out + "__chunk" for out in front_out})
+        chain_b = _clone(graph, chain, rename, "__chunk")
+        for copy in chain_b:  # a shape computed from sizes means 0 where a size is 0
+            if copy.op_type == "Reshape" and copy.input[1] not in inits:
+                copy.attribute.append(helper.make_attribute("allowzero", 1))
+        new_nodes += chain_b
+        for n in chain:
+            n.input[:] = [x_a if name == x else name for name in n.input]
+        y_a = node("Reshape", [y, "two_groups/flat_shape"], f"two_groups/{i}/y_a")
+        y_b = node("Reshape", [y + "__chunk", "two_groups/flat_shape"], f"two_groups/{i}/y_b")
+        y_ab = node("Concat", [y_a, y_b], f"two_groups/{i}/y", axis=1)
+        for user in users.get(y, []):
+            if user not in chain:
+                user.input[:] = [y_ab if name == y else name for name in user.input]
+    graph.initializer.append(
+        helper.make_tensor("two_groups/to_end", TensorProto.INT64, [1], [2**62])
+    )
+    # Each row's last position in the sequence: row r of a group ends at r x width + width - 1.
+    last_pos = []
+    for tag in ("a", "b"):  # a group of rows with no new token (width 0) has no logits
+        _, rows, width, _ = sizes[tag]
+        some = node("Min", [width, "two_groups/one"], f"two_groups/{tag}_any")
+        rows = node("Mul", [rows, some], f"two_groups/{tag}_rows_with_tokens")
+        r = node("Range", ["two_groups/zero", rows, "two_groups/one"], f"two_groups/{tag}_r")
+        ends = node("Mul", [r, width], f"two_groups/{tag}_starts")
+        ends = node("Add", [ends, width], f"two_groups/{tag}_ends")
+        last_pos.append(node("Sub", [ends, "two_groups/one"], f"two_groups/{tag}_last"))
+    last_b = node("Add", [last_pos[1], sizes["a"][3]], "two_groups/b_last_in_sequence")
+    index = node("Concat", [last_pos[0], last_b], "two_groups/last_index", axis=0)
+    hidden_final = slice_node.input[0]
+    # The final reshape back to [rows, tokens, width] must keep the one sequence's shape.
+    final = producers[hidden_final]
+    if final.op_type == "Reshape":
+        final.input[1] = "two_groups/flat_shape"
+    picked = node("Gather", [hidden_final, index], "two_groups/last_hidden_3d", axis=1)
+    last.input[:] = [picked, "two_groups/axis0"]  # [1, rows, width] -> [rows, width]
+    graph.node.remove(slice_node)
+    graph.node.extend(new_nodes)
+    ordered = [_copy(n) for n in _topological(graph)]  # prune_unused walks the nodes in order
+    del graph.node[:]
+    graph.node.extend(ordered)
+    cache = [v for v in graph.input if v.name.startswith("past_")]
+    extra_in = [
+        helper.make_tensor_value_info(
+            CHUNK + "input_ids", TensorProto.INT32, ["chunk_rows", "chunk_tokens"]
+        ),
+        helper.make_tensor_value_info(
+            CHUNK + "attention_mask", TensorProto.INT32, ["chunk_rows", "chunk_length"]
+        ),
+    ]
+
+    def chunk_copy(v: Any) -> Any:
+        copy = _copy(v)
+        copy.name = CHUNK + v.name
+        for dim in copy.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = CHUNK + dim.dim_param
+        return copy
+
+    extra_in += [chunk_copy(v) for v in cache]
+    extra_out = [chunk_copy(v) for v in graph.output if v.name.startswith("present_")]
+    logits = next(v for v in graph.output if v.name == "logits")
+    logits.type.tensor_type.shape.dim[0].dim_param = "rows_of_both_groups"
+    graph.input.extend(extra_in)
+    graph.output.extend(extra_out)
+    del graph.value_info[:]
+    prune_unused(graph)
+    return {"chunk_inputs": [v.name for v in extra_in]}

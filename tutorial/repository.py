@@ -165,14 +165,19 @@ def assemble_repository(
                 for data in data_files:  # external data keeps its name: the file refers to it
                     shutil.copyfile(data, dest / "1" / data.name)
                 # the same model with its KV cache per layer (no copy of the whole cache to
-                # split and stack it every step) and the LM head on the last position only
-                # (onnx_surgery.engine_step)
+                # split and stack it every step), the LM head on the last position only and a
+                # second group of rows (onnx_surgery.engine_step)
                 done = write_engine_step(model_file, dest / "1" / f"{step}.onnx")
                 names = done["cache_inputs"]
                 changes.append(
                     f"{name}: 1/{step}.onnx takes its KV cache per layer ({len(names)} inputs: "
                     f"{names[0]}, ...)"
                     + (", LM head on the last position only" if done["last_position_head"] else "")
+                    + (
+                        ", a second group of rows (a prompt's chunk in the decode step's call)"
+                        if done["two_groups"]
+                        else ""
+                    )
                 )
         write_config(config, dest / "config.pbtxt")
     changes += _set_empty_past_shapes(target, onnx_models)

@@ -288,6 +288,9 @@ class SessionRunner:
         self.device = "cpu"
         self.keep = []  # what the last step's binding points to (see run)
         self.cache_in, self.cache_out = ["past"], ["present"]
+        self.chunk_in, self.chunk_out = [], []  # the second group's cache (two_groups)
+        self.two_groups = False
+        self.no_chunk = {}
 
     def open(self, gpu_present=None):
         import onnxruntime as ort
@@ -302,8 +305,27 @@ class SessionRunner:
         # The file notebook 03 puts here has its cache per layer (past_key_<i>, ...: no copy of
         # the whole cache to split and stack it each step); the exported one takes `past`.
         ids_mask = ("input_ids", "attention_mask")
-        self.cache_in = [i.name for i in self.session.get_inputs() if i.name not in ids_mask]
-        self.cache_out = [o.name for o in self.session.get_outputs() if o.name != "logits"]
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        self.cache_in = [
+            i.name for i in inputs if i.name not in ids_mask and not i.name.startswith("chunk_")
+        ]
+        self.cache_out = [
+            o.name for o in outputs if o.name != "logits" and not o.name.startswith("chunk_")
+        ]
+        # fp32: a second group of rows, a long prompt's chunk run in the decode step's call
+        # (tutorial.onnx_surgery.two_groups); a step without one gives it no token.
+        self.chunk_in = [i.name for i in inputs if i.name.startswith("chunk_past_")]
+        self.chunk_out = [o.name for o in outputs if o.name.startswith("chunk_present_")]
+        self.two_groups = bool(self.chunk_in)
+        self.no_chunk = {
+            "chunk_input_ids": np.zeros((1, 0), np.int32),
+            "chunk_attention_mask": np.zeros((1, 0), np.int32),
+            **{
+                i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+                for i in inputs
+                if i.name.startswith("chunk_past_")
+            },
+        }
         pb_utils.Logger.log_info(
             f"generate engine: opened an onnxruntime {ort.__version__} session of "
             f"{self.path.parent.parent.name}/{self.path.parent.name}/{self.path.name} on "
@@ -330,29 +352,53 @@ class SessionRunner:
             )
         return tuple(parts)
 
-    def run(self, ids, mask, past):
+    def run(self, ids, mask, past, chunk=None):
+        """One call: ``logits`` (each row's last position) and the rows' cache. With
+        ``chunk`` (ids, mask, past of a second group: a prompt's chunk) in the same call, the
+        logits of its rows follow, and its cache is returned third."""
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
-        parts = past if isinstance(past, tuple) else (past,)
         bound = []
-        for name, part in zip(self.cache_in, parts, strict=True):
+
+        def bind(name, part):
             if isinstance(part, np.ndarray):
                 part = np.ascontiguousarray(part)
                 binding.bind_cpu_input(name, part)
             else:
                 binding.bind_ortvalue_input(name, part)
             bound.append(part)
+
+        bind("input_ids", ids)
+        bind("attention_mask", mask)
+        for name, part in zip(
+            self.cache_in, past if isinstance(past, tuple) else (past,), strict=True
+        ):
+            bind(name, part)
+        if chunk is not None and not self.two_groups:
+            raise ValueError("this step model has no second group of rows")
+        if self.two_groups:
+            if chunk is None:
+                for name, part in self.no_chunk.items():
+                    bind(name, part)
+            else:
+                chunk_ids, chunk_mask, chunk_past = chunk
+                bind("chunk_input_ids", chunk_ids)
+                bind("chunk_attention_mask", chunk_mask)
+                for name, part in zip(self.chunk_in, chunk_past, strict=True):
+                    bind(name, part)
         binding.bind_output("logits", "cpu")
-        for name in self.cache_out:
+        for name in self.cache_out + self.chunk_out:
             binding.bind_output(name, self.device, 0)
         self.session.run_with_iobinding(binding)
-        logits, *present = binding.get_outputs()
+        logits, *caches = binding.get_outputs()
+        present, chunk_present = caches[: len(self.cache_out)], caches[len(self.cache_out) :]
         # onnxruntime 1.19 (Triton 24.10's) does not keep alive what a binding points to: the
         # inputs and this binding (which owns `present`, the next step's past) stay referenced
         # until the next step has run.
-        self.keep = [binding, ids, mask, bound]
-        return logits.numpy(), tuple(present) if isinstance(past, tuple) else present[0]
+        self.keep = [binding, bound]
+        present = tuple(present) if isinstance(past, tuple) else present[0]
+        if chunk is None:
+            return logits.numpy(), present
+        return logits.numpy(), present, tuple(chunk_present)
 
 
 # --- the engine: requests in flight, one batch per step --------------------------------------
@@ -399,6 +445,7 @@ COUNTERS = {
     "prefills": "prompts prefilled",
     "prefill_calls": "calls that prefilled whole prompts (prompts taken together share one)",
     "prefill_chunks": "chunks of prompts longer than prefill_chunk (one per engine turn)",
+    "chunk_steps": "decode steps that ran a chunk in the same call (fp32: one read of the weights)",
     "cancelled": "requests that left the batch because their client cancelled them",
     # Where the time goes (microseconds, summed; divide by a count above for a mean):
     "queue_us": "time from a request's arrival (execute) to its admission into the engine",
@@ -592,6 +639,10 @@ class Engine:
                 self.prefill([job])
         for group in self.prefill_groups(short):
             self.prefill(group)
+        self.drop_cancelled()
+        if self.prefilling and self.active and getattr(self.runner, "two_groups", False):
+            self.decode(with_chunk=True)  # the chunk in the decode step's call
+            return
         if self.prefilling:
             self.prefill_next_chunk()
         self.drop_cancelled()
@@ -686,20 +737,47 @@ class Engine:
         self.advance(jobs, logits)
         self.join(jobs, present, mask, tuple(getattr(self.runner, "keep", ())))
 
-    def prefill_next_chunk(self):
-        """The next chunk of the oldest prompt longer than a chunk, with that prompt's own
-        cache as past (mask of 1s over prefix and chunk); after the last chunk its row joins
-        the batch, its first token from that chunk's logits."""
+    def next_chunk(self):
+        """The oldest prompt longer than a chunk and its next chunk: (job, ids, mask, past,
+        end), with that prompt's own cache as past (mask of 1s over prefix and chunk); None
+        when its client has cancelled it (it is answered)."""
         job = self.prefilling[0]
         if job.cancelled is not None and job.cancelled():
             self.prefilling.pop(0)
             job.finish(Cancelled("the client cancelled the request"))
             self.count({"cancelled": 1})
-            return
+            return None
         end = min(job.filled + self.chunk_size(), len(job.prompt))
         ids = np.asarray([job.prompt[job.filled : end]], dtype=np.int32)
         mask = np.ones((1, end), dtype=np.int32)
         past = self.empty_past(1) if job.past is None else job.past
+        return job, ids, mask, past, end
+
+    def chunk_failed(self, job, exc):
+        self.prefilling.remove(job)
+        job.past = job.held = None
+        job.finish(exc)
+
+    def chunk_ran(self, job, end, logits, present, mask):
+        """After a chunk: its cache kept; after the last one its row joins the batch, its
+        first token from that chunk's logits."""
+        job.filled, job.past = end, present
+        job.held = tuple(getattr(self.runner, "keep", ()))
+        if end < len(job.prompt):
+            return
+        self.prefilling.remove(job)
+        job.past = None
+        self.count({"prefills": 1})
+        self.advance([job], logits)
+        held, job.held = job.held, ()
+        self.join([job], present, mask, held)
+
+    def prefill_next_chunk(self):
+        """The next chunk of the oldest prompt longer than a chunk, in a call of its own."""
+        chunk = self.next_chunk()
+        if chunk is None:
+            return
+        job, ids, mask, past, end = chunk
         try:
             start, wall = self.clock(), time.perf_counter()
             logits, present = self.runner.run(ids, mask, past)
@@ -707,21 +785,10 @@ class Engine:
             per_token = (self.clock() - start) / (end - job.filled)
             self.chunk_token_s = self.smooth(self.chunk_token_s, per_token)
         except Exception as exc:
-            self.prefilling.pop(0)
-            job.past = job.held = None
-            job.finish(exc)
+            self.chunk_failed(job, exc)
             return
         self.count({"prefill_chunks": 1, "prefill_us": took})
-        job.filled, job.past = end, present
-        job.held = tuple(getattr(self.runner, "keep", ()))
-        if end < len(job.prompt):
-            return
-        self.prefilling.pop(0)
-        job.past = None
-        self.count({"prefills": 1})
-        self.advance([job], logits)
-        held, job.held = job.held, ()
-        self.join([job], present, mask, held)
+        self.chunk_ran(job, end, logits, present, mask)
 
     def join(self, jobs, present, mask, held):
         """Rows prefilled (their cache ``present``, their ``mask``) join the batch; those
@@ -756,35 +823,51 @@ class Engine:
         self.held = ()
         self.active.extend(jobs)
 
-    def decode(self):
-        """One step for every row: each row's last token in, each row's next token out."""
+    def decode(self, with_chunk=False):
+        """One step for every row: each row's last token in, each row's next token out. With
+        ``with_chunk`` (a runner with two groups), the next chunk of the oldest long prompt
+        runs in the same call: one read of the weights for both."""
         ids = np.asarray([[job.last] for job in self.active], dtype=np.int32)
         mask = np.pad(self.mask, [(0, 0), (0, 1)], constant_values=1)
+        chunk = self.next_chunk() if with_chunk else None
         try:
             start, wall = self.clock(), time.perf_counter()
-            logits, present = self.runner.run(ids, mask, self.cache)
+            if chunk is None:
+                logits, present = self.runner.run(ids, mask, self.cache)
+            else:
+                logits, present, chunk_present = self.runner.run(
+                    ids, mask, self.cache, chunk=chunk[1:4]
+                )
             took = int(1e6 * (time.perf_counter() - wall))
-            self.step_s = self.smooth(self.step_s, self.clock() - start)
+            if chunk is None:  # a step's own time (what chunk_share weighs a chunk against)
+                self.step_s = self.smooth(self.step_s, self.clock() - start)
         except Exception as exc:  # every row of the failed step gets the error
             for job in self.active:
                 job.finish(exc)
             self.active, self.cache, self.mask, self.held = [], None, None, ()
+            if chunk is not None:
+                self.chunk_failed(chunk[0], exc)
             return
+        rows = len(self.active)
         for job in self.active:
             job.length += 1
         kinds = {job.stream for job in self.active}
         self.count(
             {
                 "steps": 1,
-                "rows": len(self.active),
+                "rows": rows,
                 "mixed_steps": int(len(kinds) == 2),
                 "step_us": took,
+                **({"prefill_chunks": 1, "chunk_steps": 1} if chunk is not None else {}),
             }
         )
-        self.advance(self.active, logits)
+        self.advance(self.active, logits[:rows])
         self.cache, self.mask = present, mask
         self.held = tuple(getattr(self.runner, "keep", ()))
         self.remove_finished()
+        if chunk is not None:
+            job, _, chunk_mask, _, end = chunk
+            self.chunk_ran(job, end, logits[rows:], chunk_present, chunk_mask)
 
     def remove_finished(self):
         """Answer the rows that are done and take them out of the batch."""
