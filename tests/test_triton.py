@@ -347,6 +347,7 @@ def test_streaming_and_non_streaming_requests_share_one_engine_step(triton_serve
         "prefills",
         "prefill_calls",
         "prefill_chunks",
+        "chunk_steps",
         "cancelled",
         "queue_us",
         "first_token_us",
@@ -407,6 +408,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_a_stream(triton_server, tin
     assert streamed == reference_generate(tf_model, tok, "Hello world", 1000)
     # at least ceil(1015 / chunk) chunks: prefill_chunk_share may make them smaller
     assert delta["prefill_chunks"] >= -(-1015 // chunk)
+    # the fp32 engine file runs each chunk in a decode step's call (the stream decodes all along)
+    assert delta["chunk_steps"] == delta["prefill_chunks"]
     assert delta["prefills"] == 2 and delta["prefill_calls"] == 1  # the stream's short prompt
     assert delta["mixed_steps"] == 8  # the long request's 8 decode steps, all in the batch
 
