@@ -127,8 +127,9 @@ def engine_breakdown(before: dict, after: dict, wall_s: float) -> dict | None:
     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     if "first_token_us" not in d or not d.get("prefills") or not d.get("steps"):
         return None
-    # chunks run in a decode step's call (chunk_steps) are timed with the steps
-    calls = d["prefill_calls"] + d["prefill_chunks"] - d.get("chunk_steps", 0)
+    # prefills run in a decode step's call (chunk_steps, step_prefill_calls) are timed with it
+    calls = d["prefill_calls"] + d["prefill_chunks"]
+    calls -= d.get("chunk_steps", 0) + d.get("step_prefill_calls", 0)
     return {
         "requests": d["prefills"],
         "first_token_ms": d["first_token_us"] / d["prefills"] / 1000,

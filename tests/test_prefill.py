@@ -189,6 +189,36 @@ def test_a_long_prompt_arriving_while_others_decode(step, tiny_reference):
     assert engine.counters["chunk_steps"] == (13 if engine.runner.two_groups else 0)
 
 
+def test_short_prompts_arriving_while_others_decode(step, tiny_reference):
+    """Two requests decode; four short prompts arrive: with the file the repository serves
+    (two groups) they are prefilled in a decode step's own call, the exported file prefills
+    them in a call of their own; every request gets transformers' tokens alone."""
+    module, make = step
+    tf_model, tok = tiny_reference
+    decoders = [(prompt_of(tok, n), 40) for n in (6, 3)]
+    joiners = [(prompt_of(tok, n), 8 + n) for n in (2, 7, 5, 8)]
+    expected = [reference_generate(tf_model, tok, p, n) for p, n in [*decoders, *joiners]]
+    engine, jobs = make(CHUNK), Collect(module)
+    for i, (prompt, max_new) in enumerate(decoders):
+        engine.submit(jobs.job(i, tok(prompt)["input_ids"], max_new))
+    engine.start()
+    deadline = time.monotonic() + 60
+    while min(len(jobs.tokens[i]) for i in range(2)) < 3:  # both are decoding
+        assert time.monotonic() < deadline, "the decoders did not start"
+        time.sleep(0.001)
+    for i, (prompt, max_new) in enumerate(joiners, start=2):
+        engine.submit(jobs.job(i, tok(prompt)["input_ids"], max_new))
+    jobs.wait(engine)
+    assert [jobs.tokens[i] for i in range(6)] == expected
+    assert len(jobs.tokens[0]) == 40  # the decoders outlived the joiners' prefill
+    counters = engine.counters
+    assert counters["prefills"] == 6
+    if engine.runner.two_groups:  # each joiners' call was a decode step's
+        assert counters["step_prefill_calls"] == counters["prefill_calls"] - 1 >= 1
+    else:
+        assert counters["step_prefill_calls"] == 0
+
+
 def test_a_prompt_that_reaches_the_context_end(step, tiny_reference):
     """A 1020-token prompt in chunks of 64 (16 chunks) next to a short request: 4 tokens fill
     the 1024 context and a 5th is predicted from it, as transformers does."""

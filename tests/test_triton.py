@@ -348,6 +348,7 @@ def test_streaming_and_non_streaming_requests_share_one_engine_step(triton_serve
         "prefill_calls",
         "prefill_chunks",
         "chunk_steps",
+        "step_prefill_calls",
         "cancelled",
         "queue_us",
         "first_token_us",

@@ -446,6 +446,7 @@ COUNTERS = {
     "prefill_calls": "calls that prefilled whole prompts (prompts taken together share one)",
     "prefill_chunks": "chunks of prompts longer than prefill_chunk (one per engine turn)",
     "chunk_steps": "decode steps that ran a chunk in the same call (fp32: one read of the weights)",
+    "step_prefill_calls": "prefill_calls run in a decode step's call (fp32: one read of the weights)",
     "cancelled": "requests that left the batch because their client cancelled them",
     # Where the time goes (microseconds, summed; divide by a count above for a mean):
     "queue_us": "time from a request's arrival (execute) to its admission into the engine",
@@ -637,12 +638,21 @@ class Engine:
                 short.append(job)
             else:  # chunking off: each prompt alone, whole
                 self.prefill([job])
-        for group in self.prefill_groups(short):
+        groups = self.prefill_groups(short)
+        shared = getattr(self.runner, "two_groups", False) and bool(self.active)
+        if shared and groups and not self.prefilling:  # the last group in the decode step's call
+            *groups, last = groups
+        else:
+            last = None
+        for group in groups:
             self.prefill(group)
         self.drop_cancelled()
-        if self.prefilling and self.active and getattr(self.runner, "two_groups", False):
-            self.decode(with_chunk=True)  # the chunk in the decode step's call
+        if shared and self.active and (last or self.prefilling):
+            # a chunk of the oldest long prompt, or short prompts, in the decode step's call
+            self.decode(with_chunk=last is None, prompts=last)
             return
+        if last:  # the rows decoding were all cancelled
+            self.prefill(last)
         if self.prefilling:
             self.prefill_next_chunk()
         self.drop_cancelled()
@@ -715,16 +725,22 @@ class Engine:
         split = getattr(self.runner, "split_past", None)  # the runner's form of the cache
         return split(empty) if split else empty
 
-    def prefill(self, jobs):
-        """Whole prompts with an empty cache, in one call: each row padded on the left (mask
-        0, so it keeps its own positions) to the longest prompt; then the rows join the
-        batch."""
+    @staticmethod
+    def padded_prompts(jobs):
+        """The prompts as one batch: each row padded on the left (mask 0, so it keeps its own
+        positions) to the longest."""
         width = max(len(job.prompt) for job in jobs)
         ids = np.zeros((len(jobs), width), dtype=np.int32)
         mask = np.zeros((len(jobs), width), dtype=np.int32)
         for i, job in enumerate(jobs):
             ids[i, width - len(job.prompt) :] = job.prompt
             mask[i, width - len(job.prompt) :] = 1
+        return ids, mask
+
+    def prefill(self, jobs):
+        """Whole prompts with an empty cache, in one call (:meth:`padded_prompts`); then the
+        rows join the batch."""
+        ids, mask = self.padded_prompts(jobs)
         try:
             start = time.perf_counter()
             logits, present = self.runner.run(ids, mask, self.empty_past(len(jobs)))
@@ -823,26 +839,32 @@ class Engine:
         self.held = ()
         self.active.extend(jobs)
 
-    def decode(self, with_chunk=False):
-        """One step for every row: each row's last token in, each row's next token out. With
-        ``with_chunk`` (a runner with two groups), the next chunk of the oldest long prompt
-        runs in the same call: one read of the weights for both."""
+    def decode(self, with_chunk=False, prompts=None):
+        """One step for every row: each row's last token in, each row's next token out. A
+        runner with two groups takes a second group in the same call (one read of the weights
+        for both): with ``with_chunk`` the next chunk of the oldest long prompt, or
+        ``prompts`` (jobs), short prompts prefilled together; their rows join afterwards."""
         ids = np.asarray([[job.last] for job in self.active], dtype=np.int32)
         mask = np.pad(self.mask, [(0, 0), (0, 1)], constant_values=1)
         chunk = self.next_chunk() if with_chunk else None
+        second = None
+        if chunk is not None:
+            second = chunk[1:4]
+        elif prompts:
+            second = (*self.padded_prompts(prompts), self.empty_past(len(prompts)))
         try:
             start, wall = self.clock(), time.perf_counter()
-            if chunk is None:
+            if second is None:
                 logits, present = self.runner.run(ids, mask, self.cache)
             else:
-                logits, present, chunk_present = self.runner.run(
-                    ids, mask, self.cache, chunk=chunk[1:4]
+                logits, present, second_present = self.runner.run(
+                    ids, mask, self.cache, chunk=second
                 )
             took = int(1e6 * (time.perf_counter() - wall))
-            if chunk is None:  # a step's own time (what chunk_share weighs a chunk against)
+            if second is None:  # a step's own time (what chunk_share weighs a chunk against)
                 self.step_s = self.smooth(self.step_s, self.clock() - start)
         except Exception as exc:  # every row of the failed step gets the error
-            for job in self.active:
+            for job in self.active + (prompts or []):
                 job.finish(exc)
             self.active, self.cache, self.mask, self.held = [], None, None, ()
             if chunk is not None:
@@ -859,6 +881,11 @@ class Engine:
                 "mixed_steps": int(len(kinds) == 2),
                 "step_us": took,
                 **({"prefill_chunks": 1, "chunk_steps": 1} if chunk is not None else {}),
+                **(
+                    {"prefills": len(prompts), "prefill_calls": 1, "step_prefill_calls": 1}
+                    if chunk is None and second is not None
+                    else {}
+                ),
             }
         )
         self.advance(self.active, logits[:rows])
@@ -867,7 +894,10 @@ class Engine:
         self.remove_finished()
         if chunk is not None:
             job, _, chunk_mask, _, end = chunk
-            self.chunk_ran(job, end, logits[rows:], chunk_present, chunk_mask)
+            self.chunk_ran(job, end, logits[rows:], second_present, chunk_mask)
+        elif second is not None:
+            self.advance(prompts, logits[rows:])
+            self.join(prompts, second_present, second[1], tuple(self.held))
 
     def remove_finished(self):
         """Answer the rows that are done and take them out of the batch."""
