@@ -474,7 +474,9 @@ class Engine:
     from the times of the last steps and chunks (``clock``), so the decoders' next token is
     late by that share at most. ``prefill_batch_tokens`` (0: off) splits the short prompts
     taken together into calls of at most that many tokens (rows x the longest), one after
-    another in the same turn, so the first of them get their first token sooner.
+    another in the same turn, so the first of them get their first token sooner. With
+    ``shared_step`` and a runner that takes a second group of rows (``two_groups``: the fp32
+    engine file), a chunk, or else the short prompts taken, run in the decode step's own call.
     ``counters`` counts what it does (COUNTERS); ``publish(deltas)`` is called after each step
     with what changed (it may hold them back), and ``flush()`` before each request is
     answered.
@@ -495,6 +497,7 @@ class Engine:
         clock=time.perf_counter,
         flush=None,
         prefill_batch_tokens=0,
+        shared_step=True,
     ):
         self.runner = runner
         self.past_shape = past_shape
@@ -508,6 +511,8 @@ class Engine:
         self.prefill_chunk = max(0, int(prefill_chunk))
         self.chunk_share = max(0.0, float(chunk_share))
         self.prefill_batch_tokens = max(0, int(prefill_batch_tokens))
+        # a prefill in the decode step's call, where the runner takes a second group of rows
+        self.shared_step = bool(shared_step) and getattr(runner, "two_groups", False)
         self.clock = clock
         self.step_s = None  # a decode step's time, smoothed (EWMA)
         self.chunk_token_s = None  # a chunk's time per token, smoothed (EWMA)
@@ -639,7 +644,7 @@ class Engine:
             else:  # chunking off: each prompt alone, whole
                 self.prefill([job])
         groups = self.prefill_groups(short)
-        shared = getattr(self.runner, "two_groups", False) and bool(self.active)
+        shared = self.shared_step and bool(self.active)
         if shared and groups and not self.prefilling:  # the last group in the decode step's call
             *groups, last = groups
         else:
@@ -1047,6 +1052,11 @@ class TritonPythonModel:
                 f"{self.name}: prefill_batch_tokens must be 0 (off) or a number of tokens, "
                 f"got {batch_tokens}"
             )
+        shared_step = params.get("shared_step", "on")
+        if shared_step not in ("on", "off"):
+            raise pb_utils.TritonModelException(
+                f"{self.name}: shared_step must be 'on' or 'off', got {shared_step!r}"
+            )
         share = float(params.get("prefill_chunk_share", "0"))
         if share < 0:
             raise pb_utils.TritonModelException(
@@ -1067,6 +1077,7 @@ class TritonPythonModel:
             chunk_share=share,
             flush=self.metrics.flush,
             prefill_batch_tokens=batch_tokens,
+            shared_step=shared_step == "on",
         ).start()
         pb_utils.Logger.log_info(
             f"{self.name}: step_runner {runner}, inflight_batching {batching} "
