@@ -127,15 +127,18 @@ def engine_breakdown(before: dict, after: dict, wall_s: float) -> dict | None:
     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     if "first_token_us" not in d or not d.get("prefills") or not d.get("steps"):
         return None
-    # prefills run in a decode step's call (chunk_steps, step_prefill_calls) are timed with it
+    # prefills run in a decode step's call (chunk_steps, step_prefill_calls) are timed with it:
+    # the prefill columns are the calls of their own
     calls = d["prefill_calls"] + d["prefill_chunks"]
     calls -= d.get("chunk_steps", 0) + d.get("step_prefill_calls", 0)
+    alone = d["prefills"] - d.get("step_prefills", 0)
     return {
         "requests": d["prefills"],
         "first_token_ms": d["first_token_us"] / d["prefills"] / 1000,
         "queue_ms": d["queue_us"] / d["prefills"] / 1000,
         "prefill_call_ms": d["prefill_us"] / max(1, calls) / 1000,
-        "rows_per_prefill_call": d["prefills"] / max(1, calls),
+        "rows_per_prefill_call": alone / max(1, calls),
+        "prefills_in_steps": d.get("step_prefills", 0),
         "step_ms": d["step_us"] / d["steps"] / 1000,
         "rows_per_step": d["rows"] / d["steps"],
         "emit_ms_per_token": d["emit_us"] / (d["rows"] + d["prefills"]) / 1000,
@@ -146,9 +149,9 @@ def engine_breakdown(before: dict, after: dict, wall_s: float) -> dict | None:
 def breakdown_table(rows: list[dict]) -> str:
     lines = [
         "| clients | TTFT mean ms (client) | arrival -> first token sent ms (engine) | of which "
-        "queued ms | prefill call ms (rows) | decode step ms (rows) | handing a token to "
-        "Triton ms | engine busy |",
-        "|---|---|---|---|---|---|---|---|",
+        "queued ms | prefill call ms (rows) | prompts prefilled in a decode step's call | "
+        "decode step ms (rows) | handing a token to Triton ms | engine busy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b = r.get("engine")
@@ -157,7 +160,8 @@ def breakdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['clients']} | {fmt(r['ttft_mean_ms'])} | {fmt(b['first_token_ms'])} | "
             f"{fmt(b['queue_ms'])} | {fmt(b['prefill_call_ms'])} "
-            f"({b['rows_per_prefill_call']:.1f}) | {fmt(b['step_ms'])} ({b['rows_per_step']:.1f}) "
+            f"({b['rows_per_prefill_call']:.1f}) | {b.get('prefills_in_steps', 0)} "
+            f"| {fmt(b['step_ms'])} ({b['rows_per_step']:.1f}) "
             f"| {b['emit_ms_per_token']:.2f} | {100 * b['busy']:.0f}% |"
         )
     return "\n".join(lines) if len(lines) > 2 else ""

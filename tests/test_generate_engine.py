@@ -203,6 +203,7 @@ def test_the_counters_count_steps_rows_and_mixed_steps(module):
         "prefill_chunks": 0,
         "chunk_steps": 0,
         "step_prefill_calls": 0,
+        "step_prefills": 0,
         "cancelled": 0,
     }
     assert runner.rows_per_step == [1, 1] + [2] * 9 + [1] * 20  # 2 prefills, then decode steps

@@ -215,6 +215,7 @@ def test_short_prompts_arriving_while_others_decode(step, tiny_reference):
     assert counters["prefills"] == 6
     if engine.runner.two_groups:  # each joiners' call was a decode step's
         assert counters["step_prefill_calls"] == counters["prefill_calls"] - 1 >= 1
+        assert counters["step_prefills"] == 4
     else:
         assert counters["step_prefill_calls"] == 0
 

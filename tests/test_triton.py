@@ -349,6 +349,7 @@ def test_streaming_and_non_streaming_requests_share_one_engine_step(triton_serve
         "prefill_chunks",
         "chunk_steps",
         "step_prefill_calls",
+        "step_prefills",
         "cancelled",
         "queue_us",
         "first_token_us",

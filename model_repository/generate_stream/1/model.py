@@ -447,6 +447,7 @@ COUNTERS = {
     "prefill_chunks": "chunks of prompts longer than prefill_chunk (one per engine turn)",
     "chunk_steps": "decode steps that ran a chunk in the same call (fp32: one read of the weights)",
     "step_prefill_calls": "prefill_calls run in a decode step's call (fp32: one read of the weights)",
+    "step_prefills": "prompts prefilled in a decode step's call (counted in prefills too)",
     "cancelled": "requests that left the batch because their client cancelled them",
     # Where the time goes (microseconds, summed; divide by a count above for a mean):
     "queue_us": "time from a request's arrival (execute) to its admission into the engine",
@@ -887,7 +888,12 @@ class Engine:
                 "step_us": took,
                 **({"prefill_chunks": 1, "chunk_steps": 1} if chunk is not None else {}),
                 **(
-                    {"prefills": len(prompts), "prefill_calls": 1, "step_prefill_calls": 1}
+                    {
+                        "prefills": len(prompts),
+                        "prefill_calls": 1,
+                        "step_prefill_calls": 1,
+                        "step_prefills": len(prompts),
+                    }
                     if chunk is None and second is not None
                     else {}
                 ),
