@@ -1430,7 +1430,7 @@ def two_groups(graph: Any) -> dict[str, Any]:
     hidden_b = hidden + "__chunk"
     consts = [
         helper.make_tensor("two_groups/flat_shape", TensorProto.INT64, [3], [1, -1, 0]),
-        helper.make_tensor("two_groups/minus_one", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor("two_groups/to_end", TensorProto.INT64, [1], [2**62]),
         helper.make_tensor("two_groups/zero", TensorProto.INT64, [], [0]),
         helper.make_tensor("two_groups/one", TensorProto.INT64, [], [1]),
         helper.make_tensor("two_groups/axis0", TensorProto.INT64, [1], [0]),
@@ -1489,11 +1489,9 @@ def two_groups(graph: Any) -> dict[str, Any]:
         x_a = node("Reshape", [part_a, shape_a], f"two_groups/{i}/x_a_rows")
         part_b = node(
             "Slice",
-            [x, count_a, "two_groups/minus_one", "two_groups/axis1"],
+            [x, count_a, "two_groups/to_end", "two_groups/axis1"],
             f"two_groups/{i}/x_b",
         )
-        # `ends` -1 would drop the last token: slice to the end with INT64 max instead.
-        new_nodes[-1].input[2] = "two_groups/to_end"
         shape_b = node("Concat", [sizes["b"][0], width3], f"two_groups/{i}/x_b_shape", axis=0)
         x_b = node("Reshape", [part_b, shape_b], f"two_groups/{i}/x_b_rows")
         rename = {
@@ -1517,9 +1515,6 @@ def two_groups(graph: Any) -> dict[str, Any]:
         for user in users.get(y, []):
             if user not in chain:
                 user.input[:] = [y_ab if name == y else name for name in user.input]
-    graph.initializer.append(
-        helper.make_tensor("two_groups/to_end", TensorProto.INT64, [1], [2**62])
-    )
     # Each row's last position in the sequence: row r of a group ends at r x width + width - 1.
     last_pos = []
     for tag in ("a", "b"):  # a group of rows with no new token (width 0) has no logits
