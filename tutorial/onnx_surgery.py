@@ -757,9 +757,10 @@ def drop_linear_reshapes(graph: Any) -> int:
 
 def without_large_weights(model: Any, elements: int = 4096) -> Any:
     """A copy of ``model`` for shape inference (its nodes, inputs, outputs and the shapes it
-    knows): its initializers of more than ``elements`` values are graph inputs of the same
-    type and shape instead (no weight bytes copied)."""
-    from onnx import helper
+    knows): its initializers of more than ``elements`` values, and those whose values sit in
+    an external data file, are graph inputs of the same type and shape instead (no weight
+    bytes copied or read)."""
+    from onnx import TensorProto, helper
 
     skeleton = type(model)()
     skeleton.ir_version = model.ir_version
@@ -771,7 +772,7 @@ def without_large_weights(model: Any, elements: int = 4096) -> Any:
     graph.output.extend(model.graph.output)
     graph.value_info.extend(model.graph.value_info)
     for init in model.graph.initializer:
-        if int(np.prod(init.dims)) > elements:
+        if int(np.prod(init.dims)) > elements or init.data_location == TensorProto.EXTERNAL:
             graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
         else:
             graph.initializer.append(init)
@@ -797,16 +798,26 @@ def share_shape_inputs(model: Any, shapes: dict[str, tuple]) -> int:
     """Point every Shape node at the first tensor of the same symbolic shape (``shapes``, from
     :func:`symbolic_shapes`), so each layer's identical shape arithmetic (the attention
     mask's) becomes the same nodes and :func:`eliminate_common_subexpressions` keeps one.
-    Returns how many Shape nodes were re-pointed."""
+    Only between tensors computed from the same group of rows (:func:`two_groups`: the
+    second group's inputs are named ``chunk_...``): shape inference names the two groups'
+    dims apart, and should it ever merge one, this still keeps a group from taking the other's
+    shape. Returns how many Shape nodes were re-pointed."""
+    graph = model.graph
+    producers = _producers(graph)
+
+    def group(name: str) -> Any:
+        behind = _graph_inputs_behind(graph, name, producers)
+        return None if behind is None else frozenset(i.startswith(CHUNK) for i in behind)
+
     first: dict[tuple, str] = {}
-    for node in model.graph.node:
+    for node in graph.node:
         for out in node.output:
             if out in shapes:
-                first.setdefault(shapes[out], out)
+                first.setdefault((shapes[out], group(out)), out)
     moved = 0
-    for node in model.graph.node:
+    for node in graph.node:
         if node.op_type == "Shape" and node.input[0] in shapes:
-            canonical = first[shapes[node.input[0]]]
+            canonical = first[(shapes[node.input[0]], group(node.input[0]))]
             if canonical != node.input[0]:
                 node.input[0] = canonical
                 moved += 1
@@ -1058,7 +1069,8 @@ def fuse_attention(model: Any) -> int:
 
 def simplify_decoder(model: Any, attention: bool = True) -> dict[str, int]:
     """All of the above on the decoder-with-past model, in place (:func:`fuse_attention` when
-    ``attention``); returns what each did and the node count before and after."""
+    ``attention``); returns what each did and the node count before and after. Plain ONNX
+    without ``attention``: what the engine's fp32 file gets (:func:`engine_step`)."""
     before = len(model.graph.node)
     done = {
         "layer_norms": fuse_layer_norms(model.graph),
@@ -1183,9 +1195,10 @@ def per_layer_cache(graph: Any) -> list[str]:
     return [v.name for v in new_inputs]
 
 
-def write_rewritten(source: Path, dest: Path, rewrite: Any) -> Any:
+def write_rewritten(source: Path, dest: Path, rewrite: Any, whole_model: bool = False) -> Any:
     """Write at ``dest`` the model of ``source`` with its graph changed by ``rewrite(graph)``
-    (which must leave the weights' values alone); returns what ``rewrite`` returns. The graph is
+    (``rewrite(model)`` with ``whole_model``; it must leave the weights' values alone); returns
+    what ``rewrite`` returns. The graph is
     read without the weights (:func:`load_without_weights`) and each weight kept is copied from
     ``source``'s bytes as it is, a slice at a time: the memory of the graph, not of the weights
     (``onnx.load`` and ``onnx.save`` of a 650 MB model peaked at 3.2 GB). Weights kept in an
@@ -1193,7 +1206,11 @@ def write_rewritten(source: Path, dest: Path, rewrite: Any) -> Any:
     import mmap
 
     model = load_without_weights(Path(source), small_bytes=1 << 16)
-    result = rewrite(model.graph)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    result = rewrite(model if whole_model else model.graph)
+    for tensor in model.graph.initializer:  # stored weights are copied with their own dims
+        if tensor.name in dims and list(tensor.dims) != dims[tensor.name]:
+            raise ValueError(f"the rewrite changed the shape of weight {tensor.name!r}")
     with open(source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         stored = {}  # name: (start, stop) of each initializer field in source's bytes
         for number, _, start, stop in _fields(buf, 0, len(buf)):
@@ -1270,18 +1287,30 @@ def last_position_logits(graph: Any) -> bool:
     return True
 
 
-def engine_step(graph: Any) -> dict[str, Any]:
+def engine_step(model: Any) -> dict[str, Any]:
     """The engine's step model from the exported one, in place: its KV cache per layer
     (:func:`per_layer_cache`; ``cache_inputs``: the inputs' names), the LM head on the last
     position only (:func:`last_position_logits`; ``last_position_head``: whether it applied)
     and, where that applied (fp32), a second group of rows (:func:`two_groups`: a long prompt's
-    chunk in the decode step's call; ``two_groups``)."""
+    chunk in the decode step's call; ``two_groups``) and a smaller graph
+    (:func:`simplify_decoder` without the contrib attention: one LayerNormalization per layer
+    norm, no reshapes around the linear layers, one copy of each layer's identical shape
+    arithmetic; ``simplified``: what it did). TensorFlow's export runs about 2,000 nodes a
+    step, and each small node costs onnxruntime a few microseconds whatever the batch;
+    the int8 file was simplified when it was made."""
+    graph = model.graph
     names = per_layer_cache(graph)
     head = last_position_logits(graph)
     two = head and "chunk_input_ids" not in {v.name for v in graph.input}
     if two:
         two_groups(graph)
-    return {"cache_inputs": names, "last_position_head": head, "two_groups": two}
+    simplified = simplify_decoder(model, attention=False) if head else {}
+    return {
+        "cache_inputs": names,
+        "last_position_head": head,
+        "two_groups": two,
+        "simplified": simplified,
+    }
 
 
 def write_engine_step(source: Path, dest: Path) -> dict[str, Any]:
@@ -1289,7 +1318,7 @@ def write_engine_step(source: Path, dest: Path) -> dict[str, Any]:
     it (:func:`engine_step`, whose summary it returns). Weights stay where they are stored: in
     the file (copied into ``dest``) or in an external data file, which ``dest`` names too and
     which must sit beside it (the caller copies it)."""
-    return write_rewritten(Path(source), Path(dest), engine_step)
+    return write_rewritten(Path(source), Path(dest), engine_step, whole_model=True)
 
 
 CHUNK = "chunk_"  # the second group's inputs and outputs: chunk_input_ids, chunk_past_key_0, ...

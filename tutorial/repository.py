@@ -165,8 +165,8 @@ def assemble_repository(
                 for data in data_files:  # external data keeps its name: the file refers to it
                     shutil.copyfile(data, dest / "1" / data.name)
                 # the same model with its KV cache per layer (no copy of the whole cache to
-                # split and stack it every step), the LM head on the last position only and a
-                # second group of rows (onnx_surgery.engine_step)
+                # split and stack it every step), the LM head on the last position only, a
+                # second group of rows and fewer nodes (onnx_surgery.engine_step)
                 done = write_engine_step(model_file, dest / "1" / f"{step}.onnx")
                 names = done["cache_inputs"]
                 changes.append(
@@ -176,6 +176,12 @@ def assemble_repository(
                     + (
                         ", a second group of rows (a prompt's chunk in the decode step's call)"
                         if done["two_groups"]
+                        else ""
+                    )
+                    + (
+                        f", {done['simplified']['nodes_before']:,} nodes made "
+                        f"{done['simplified']['nodes_after']:,}"
+                        if done["simplified"]
                         else ""
                     )
                 )
