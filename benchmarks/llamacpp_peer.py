@@ -10,10 +10,12 @@ models: single-stream greedy decode, measured side by side in one run.
 2. Before any time is reported, llama.cpp's logits on the same tokens (a prompt and our fp32
    model's greedy continuation) are checked against our onnxruntime fp32 model's: F32 within
    ``--atol`` with correlation >= 0.99999, Q8_0 correlation >= 0.99.
-3. Rounds: our in-process onnxruntime loop (fp32 and int8: ``tutorial.export.greedy_with_past``,
-   the ``c)`` loop of ``make bench``) and llama.cpp (F32 and Q8_0, through llama-cpp-python's
-   ``Llama.eval``), each decoding ``--new-tokens`` tokens, the order rotated every round, so a
-   slow minute on a shared machine weighs on all four. Both use ``--threads`` threads.
+3. Rounds: the server's own engine in this process (fp32 and int8: :mod:`tutorial.engine_local`,
+   the ``c)`` of ``make bench``: the file notebook 03 writes for it, its onnxruntime session
+   with IO binding; its tokens must equal the exported model's greedy ones) and llama.cpp (F32
+   and Q8_0, through llama-cpp-python's ``Llama.eval``), each decoding ``--new-tokens`` tokens,
+   the order rotated every round, so a slow minute on a shared machine weighs on all four.
+   Both use ``--threads`` threads.
 
 llama.cpp runs in its own virtual environment (``.venv-llamacpp``: llama-cpp-python compiled
 from source) as a worker process (``benchmarks/llamacpp_worker.py``) that waits while
@@ -194,6 +196,7 @@ def main() -> None:
     }
     load_before = os.getloadavg()
     llama = Worker()
+    engines: dict = {}  # the server's engine in this process, per precision (the rounds)
     summary: dict = {
         "args": vars(args),
         "weights": label,
@@ -239,14 +242,21 @@ def main() -> None:
         if q8["correlation"] < 0.99:
             raise SystemExit("llama.cpp Q8_0 logits do not follow ours: no time reported.")
 
-        # -- rounds, alternating
+        # -- rounds, alternating; ours: the server's engine on the file it serves
+        from tutorial.engine_local import LocalEngine
+
+        for kind, suffix in (("fp32", ""), ("int8", "_int8")):
+            engines[kind] = LocalEngine(paths[f"onnx_past{suffix}"], threads=args.threads)
+        sessions.clear()  # the check is done: its sessions' memory back
+        plain = ours_tokens[: args.new_tokens]
+
         def run(engine: str, n: int) -> dict:
             if engine.startswith("onnxruntime"):
-                steps: list[float] = []
-                tokens = export.greedy_with_past(
-                    sessions[engine.split()[1]], prompt, n, eos_token_id=None, timings=steps
-                )
-                return {"step_s": steps, "tokens": tokens}
+                times: list[float] = []
+                tokens = engines[engine.split()[1]].generate(prompt, n, times)
+                if engine.endswith("fp32") and tokens[: len(plain)] != plain[:n]:
+                    raise SystemExit("the engine's fp32 tokens differ from the exported model's")
+                return {"step_s": [b - a for a, b in zip(times, times[1:])], "tokens": tokens}
             return llama("decode", name=engine.split()[1], prompt=prompt, new_tokens=n)
 
         for engine in ENGINES:  # warm-up
@@ -281,6 +291,8 @@ def main() -> None:
         summary["f32_greedy_tokens_agree"] = agree
     finally:
         llama.close()
+        for engine in engines.values():
+            engine.close()
 
     print(
         f"\nSingle stream, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} tokens, "
