@@ -1,6 +1,9 @@
 """What the engine's file saves: the engine's step on the exported file (one ``past`` tensor)
 against the file the repository serves (its cache per layer and, in fp32, the LM head on the
-last position only: :func:`tutorial.onnx_surgery.engine_step`), in alternating rounds.
+last position only, a second group of rows and a smaller graph:
+:func:`tutorial.onnx_surgery.engine_step`), in alternating rounds; in fp32 also that file with
+its graph's nodes left as exported (``engine_step(simplify=False)``), to show what the smaller
+graph alone saves.
 
     python benchmarks/bench_cache_layout.py                  # fp32 and int8 from notebook 02
     python benchmarks/bench_cache_layout.py --rounds 5 --steps 10
@@ -10,7 +13,7 @@ options and IO binding) on a cache of ``rows`` x ``length`` tokens: decode steps
 row, the cache fed back each step as the engine does) and prefill chunks (one row, ``chunk``
 tokens after ``length`` cached: the chunked prefill of a long prompt) and prefills (prompts
 with nothing cached). Per case it prints the
-median over rounds of each round's median step time for both files, and their ratio. The cache
+median over rounds of each round's median step time for each file, and the ratios. The cache
 here is random: times do not depend on its values.
 """
 
@@ -70,11 +73,19 @@ def main() -> None:
         past_dims = next(i.shape for i in ort_session(model).get_inputs() if i.name == "past")
         n_layer, n_head, head_dim = past_dims[0], past_dims[3], past_dims[5]
         with tempfile.TemporaryDirectory(prefix="cache-layout-", dir=workdir()) as folder:
-            runners = {}
-            for form, path in (("exported", model), ("engine's", None)):
-                path = path or engine_copy(model, Path(folder))
-                runner = module.SessionRunner(path, args.threads, device="cpu")
-                runners[form] = runner.open(gpu_present=False)
+            runners = {"exported": module.SessionRunner(model, args.threads, device="cpu")}
+            unsimplified = Path(folder) / "unsimplified"
+            unsimplified.mkdir()
+            runners["unsimplified"] = module.SessionRunner(
+                engine_copy(model, unsimplified, simplify=False), args.threads, device="cpu"
+            )
+            runners["engine's"] = module.SessionRunner(
+                engine_copy(model, Path(folder)), args.threads, device="cpu"
+            )
+            for runner in runners.values():
+                runner.open(gpu_present=False)
+            if runners["unsimplified"].two_groups is False:  # int8: simplified when made
+                del runners["unsimplified"]
             cases = [("decode", rows, 1, length) for rows, length in DECODE]
             cases += [("chunk", 1, chunk, length) for chunk, length in CHUNKS]
             cases += [("prefill", rows, new, 0) for rows, new in PREFILLS]
@@ -87,7 +98,8 @@ def main() -> None:
                         rounds[form].append(
                             step_times(runner, past, rows, new, length, args.steps, rng)
                         )
-                one, split = (1e3 * float(np.median(rounds[f])) for f in runners)
+                ms = {f: 1e3 * float(np.median(rounds[f])) for f in runners}
+                one, split = ms["exported"], ms["engine's"]
                 row = {
                     "model": model.name,
                     "case": f"{kind}: {rows} row(s) x {new} new, {length} cached",
@@ -96,12 +108,19 @@ def main() -> None:
                     "ratio": round(split / one, 3),
                     "rounds_ms": {f: [round(1e3 * t, 2) for t in r] for f, r in rounds.items()},
                 }
-                results.append(row)
-                print(
+                line = (
                     f"{row['model']:28} {row['case']:40} exported {one:7.2f} ms  "
-                    f"engine's {split:7.2f} ms  ({split / one:.2f}x)",
-                    flush=True,
+                    f"engine's {split:7.2f} ms  ({split / one:.2f}x)"
                 )
+                if "unsimplified" in ms:  # the smaller graph alone: engine's / unsimplified
+                    row["unsimplified_ms"] = round(ms["unsimplified"], 2)
+                    row["simplified_ratio"] = round(split / ms["unsimplified"], 3)
+                    line += (
+                        f"  not simplified {ms['unsimplified']:7.2f} ms "
+                        f"(simplified {split / ms['unsimplified']:.2f}x)"
+                    )
+                results.append(row)
+                print(line, flush=True)
     out = paths()["results_dir"] / "bench_cache_layout.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -44,9 +44,9 @@ def step(request, tiny_workdir):
     runner.open(gpu_present=False)
     assert (runner.cache_in == ["past"]) == (request.param == "stacked")
 
-    def engine(chunk, max_batch=8, publish=None, batch_tokens=0):
+    def engine(chunk, max_batch=8, publish=None, batch_tokens=0, wrap=None, **options):
         return module.Engine(
-            runner,
+            wrap(runner) if wrap else runner,
             shape,
             50256,
             1024,
@@ -56,6 +56,7 @@ def step(request, tiny_workdir):
             publish,
             chunk,
             prefill_batch_tokens=batch_tokens,
+            **options,
         )
 
     return module, engine
@@ -187,6 +188,66 @@ def test_a_long_prompt_arriving_while_others_decode(step, tiny_reference):
     # fp32, per layer: each chunk ran in its decode step's call (two groups, one read of the
     # weights); the exported file runs them apart
     assert engine.counters["chunk_steps"] == (13 if engine.runner.two_groups else 0)
+
+
+class Timed:
+    """The runner, on a fake clock: a decode step costs ``step``, a prompt token one unit
+    (in a call of its own or as the second group of a decode step's call). Records the
+    tokens of each chunk of one row: a call of its own (one row, several tokens) or a
+    second group."""
+
+    def __init__(self, runner, step):
+        self.runner, self.step, self.now, self.chunks = runner, step, 0.0, []
+
+    def __getattr__(self, name):  # two_groups, keep, numpy, ... of the runner
+        return getattr(self.runner, name)
+
+    def clock(self):
+        return self.now
+
+    def run(self, ids, mask, past, chunk=None):
+        rows, new = ids.shape
+        self.now += self.step if new == 1 else rows * new
+        if chunk is None:
+            if rows == 1 and new > 1:
+                self.chunks.append(new)
+            return self.runner.run(ids, mask, past)
+        self.now += chunk[0].size
+        self.chunks.append(chunk[0].shape[1])
+        return self.runner.run(ids, mask, past, chunk=chunk)
+
+
+def test_chunks_sized_to_a_share_of_a_decode_step(step, tiny_reference):
+    """With prefill_chunk_share 0.5, a 100-token prompt arriving while three rows decode is
+    prefilled in chunks of about half a decode step (fake clock: a step 40, a prompt token 1:
+    20 tokens; 16, MIN_CHUNK, until both are timed), whether a chunk runs in a call of its own
+    (the exported file) or in the decode step's call (the file served: there the chunk's time
+    is the call less the step alone); every request gets transformers' tokens."""
+    module, make = step
+    tf_model, tok = tiny_reference
+    decoders = [(prompt_of(tok, n), 60) for n in (4, 7, 8)]
+    long = (prompt_of(tok, 100), 10)
+    expected = [reference_generate(tf_model, tok, p, n) for p, n in [*decoders, long]]
+    timed = []
+
+    def wrap(runner):
+        timed.append(Timed(runner, step=40.0))
+        return timed[0]
+
+    engine = make(64, wrap=wrap, chunk_share=0.5, clock=lambda: timed[0].clock())
+    jobs = Collect(module)
+    for i, (prompt, max_new) in enumerate(decoders):  # one prefill call of three rows
+        engine.submit(jobs.job(i, tok(prompt)["input_ids"], max_new))
+    engine.start()
+    deadline = time.monotonic() + 60
+    while min(len(jobs.tokens[i]) for i in range(3)) < 5:  # all three are decoding
+        assert time.monotonic() < deadline, "the decoders did not start"
+        time.sleep(0.001)
+    engine.submit(jobs.job("long", tok(long[0])["input_ids"], long[1]))
+    jobs.wait(engine)
+    assert [jobs.tokens[i] for i in range(3)] + [jobs.tokens["long"]] == expected
+    assert timed[0].chunks == [16, 20, 20, 20, 20, 4]
+    assert engine.counters["chunk_steps"] == (6 if engine.runner.two_groups else 0)
 
 
 def test_short_prompts_arriving_while_others_decode(step, tiny_reference):

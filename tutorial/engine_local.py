@@ -44,16 +44,17 @@ def load_engine_module(name: str = "generate_engine_local") -> Any:
     return module
 
 
-def engine_copy(path: Path, folder: Path) -> Path:
+def engine_copy(path: Path, folder: Path, simplify: bool = True) -> Path:
     """``path`` (a step model with ``past``) written into ``folder`` with its KV cache per layer,
-    as :func:`tutorial.repository.assemble` writes the engine's file; its external data files
-    are linked beside it (they are not copied)."""
+    as :func:`tutorial.repository.assemble` writes the engine's file (``simplify`` False: the
+    fp32 graph's nodes left as they are); its external data files are linked beside it (they
+    are not copied)."""
     from tutorial.onnx_surgery import onnx_files, write_engine_step
 
     model_file, *data_files = onnx_files(path)
     for data in data_files:
         (folder / data.name).symlink_to(data.resolve())
-    write_engine_step(model_file, folder / model_file.name)
+    write_engine_step(model_file, folder / model_file.name, simplify)
     return folder / model_file.name
 
 

@@ -1287,7 +1287,7 @@ def last_position_logits(graph: Any) -> bool:
     return True
 
 
-def engine_step(model: Any) -> dict[str, Any]:
+def engine_step(model: Any, simplify: bool = True) -> dict[str, Any]:
     """The engine's step model from the exported one, in place: its KV cache per layer
     (:func:`per_layer_cache`; ``cache_inputs``: the inputs' names), the LM head on the last
     position only (:func:`last_position_logits`; ``last_position_head``: whether it applied)
@@ -1297,14 +1297,15 @@ def engine_step(model: Any) -> dict[str, Any]:
     norm, no reshapes around the linear layers, one copy of each layer's identical shape
     arithmetic; ``simplified``: what it did). TensorFlow's export runs about 2,000 nodes a
     step, and each small node costs onnxruntime a few microseconds whatever the batch;
-    the int8 file was simplified when it was made."""
+    the int8 file was simplified when it was made. ``simplify`` False leaves the fp32 graph's
+    nodes as they are (``benchmarks/bench_cache_layout.py`` times both)."""
     graph = model.graph
     names = per_layer_cache(graph)
     head = last_position_logits(graph)
     two = head and "chunk_input_ids" not in {v.name for v in graph.input}
     if two:
         two_groups(graph)
-    simplified = simplify_decoder(model, attention=False) if head else {}
+    simplified = simplify_decoder(model, attention=False) if head and simplify else {}
     return {
         "cache_inputs": names,
         "last_position_head": head,
@@ -1313,12 +1314,14 @@ def engine_step(model: Any) -> dict[str, Any]:
     }
 
 
-def write_engine_step(source: Path, dest: Path) -> dict[str, Any]:
+def write_engine_step(source: Path, dest: Path, simplify: bool = True) -> dict[str, Any]:
     """Write ``source`` (a step model with ``past``/``present``) at ``dest`` as the engine runs
     it (:func:`engine_step`, whose summary it returns). Weights stay where they are stored: in
     the file (copied into ``dest``) or in an external data file, which ``dest`` names too and
     which must sit beside it (the caller copies it)."""
-    return write_rewritten(Path(source), Path(dest), engine_step, whole_model=True)
+    return write_rewritten(
+        Path(source), Path(dest), lambda model: engine_step(model, simplify), whole_model=True
+    )
 
 
 CHUNK = "chunk_"  # the second group's inputs and outputs: chunk_input_ids, chunk_past_key_0, ...

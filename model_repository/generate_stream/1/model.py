@@ -472,8 +472,9 @@ class Engine:
     batch's decode steps, and the prompts taken together that are no longer than a chunk share
     one prefill call. With ``chunk_share`` (0: off) and rows decoding, a chunk is as many tokens
     (at most ``prefill_chunk``, at least MIN_CHUNK) as take about that share of a decode step,
-    from the times of the last steps and chunks (``clock``), so the decoders' next token is
-    late by that share at most. ``prefill_batch_tokens`` (0: off) splits the short prompts
+    from the times of the last steps and chunks (``clock``; a chunk in a decode step's call
+    counts as the call less the step alone), so the decoders' next token is late by that share
+    at most. ``prefill_batch_tokens`` (0: off) splits the short prompts
     taken together into calls of at most that many tokens (rows x the longest), one after
     another in the same turn, so the first of them get their first token sooner. With
     ``shared_step`` and a runner that takes a second group of rows (``two_groups``: the fp32
@@ -867,8 +868,14 @@ class Engine:
                     ids, mask, self.cache, chunk=second
                 )
             took = int(1e6 * (time.perf_counter() - wall))
+            elapsed = self.clock() - start
             if second is None:  # a step's own time (what chunk_share weighs a chunk against)
-                self.step_s = self.smooth(self.step_s, self.clock() - start)
+                self.step_s = self.smooth(self.step_s, elapsed)
+            elif chunk is not None and self.step_s is not None:
+                # the chunk's own part of the call: the call less a decode step alone
+                tokens = chunk[4] - chunk[0].filled
+                own = max(0.0, elapsed - self.step_s) / tokens
+                self.chunk_token_s = self.smooth(self.chunk_token_s, own)
         except Exception as exc:  # every row of the failed step gets the error
             for job in self.active + (prompts or []):
                 job.finish(exc)
