@@ -5,7 +5,8 @@ All in one run, on one machine, on the model notebooks 01-03 left in the work fo
   b) generate:  the server-side `generate` model: one call for all tokens, KV cache on the server
   c) floor:     the server's own engine (generate_stream/1/model.py: its onnxruntime session,
                 IO binding and bookkeeping) in this process, no Triton (tutorial.engine_local);
-                c0) beside it, a plain session.run loop with numpy in and out, for comparison
+                c0) beside it, a plain session.run loop with numpy in and out, for comparison;
+                one c) and one c0) run after each b) call, so that b/c compares the same minutes
   d) TF peer:   transformers' TensorFlow generate(do_sample=False) on the same weights, in a
                 child process (its memory leaves with it); its tokens checked against c)
   b) and c) also with the int8 model.
@@ -104,34 +105,51 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def floor_run(model: Path, prompt_ids: list[int], new_tokens: int, runs: int) -> dict:
+class FloorRuns:
     """c) the server's own engine in this process (:mod:`tutorial.engine_local`: the same
     code, onnxruntime session options and IO binding as `generate`, no Triton), per-token
     timings; and beside it c0) the plain loop (``session.run`` with numpy in and out each step,
-    :func:`tutorial.export.greedy_with_past`), alternating run by run."""
-    from tutorial.engine_local import LocalEngine
+    :func:`tutorial.export.greedy_with_past`). ``one()`` runs each once; the benchmark calls it
+    after each b) call, so c), c0) and b) share the same minutes of a shared machine."""
 
-    engine = LocalEngine(model)
-    session = export.ort_session(model)
-    totals, decode, tokens = [], [], None
-    plain: dict = {"totals_s": [], "decode_s": [], "tokens": None}
-    try:
-        engine.generate(prompt_ids, 3)  # warm-up
-        export.greedy_with_past(session, prompt_ids, 3)
-        for _ in range(runs):
-            times: list[float] = []
-            tokens = engine.generate(prompt_ids, new_tokens, times)
-            totals.append(times[-1] - times[0])  # submitted -> last token
-            decode += [b - a for a, b in zip(times[1:], times[2:])]  # after the first token
-            steps: list[float] = []
-            plain["tokens"] = export.greedy_with_past(
-                session, prompt_ids, new_tokens, eos_token_id=None, timings=steps
-            )
-            plain["totals_s"].append(sum(steps))
-            plain["decode_s"] += steps[1:]
-    finally:
-        engine.close()
-    return {"totals_s": totals, "decode_s": decode, "tokens": tokens, "plain": plain}
+    def __init__(self, model: Path, prompt_ids: list[int], new_tokens: int):
+        from tutorial.engine_local import LocalEngine
+
+        self.prompt_ids, self.new_tokens = prompt_ids, new_tokens
+        self.engine = LocalEngine(model)
+        self.session = export.ort_session(model)
+        self.totals: list[float] = []
+        self.decode: list[float] = []
+        self.tokens = None
+        self.plain: dict = {"totals_s": [], "decode_s": [], "tokens": None}
+        try:
+            self.engine.generate(prompt_ids, 3)  # warm-up
+            export.greedy_with_past(self.session, prompt_ids, 3)
+        except BaseException:
+            self.engine.close()
+            raise
+
+    def one(self) -> None:
+        times: list[float] = []
+        self.tokens = self.engine.generate(self.prompt_ids, self.new_tokens, times)
+        self.totals.append(times[-1] - times[0])  # submitted -> last token
+        self.decode += [b - a for a, b in zip(times[1:], times[2:])]  # after the first token
+        steps: list[float] = []
+        self.plain["tokens"] = export.greedy_with_past(
+            self.session, self.prompt_ids, self.new_tokens, eos_token_id=None, timings=steps
+        )
+        self.plain["totals_s"].append(sum(steps))
+        self.plain["decode_s"] += steps[1:]
+
+    def close(self) -> dict:
+        self.engine.close()
+        self.session = None
+        return {
+            "totals_s": self.totals,
+            "decode_s": self.decode,
+            "tokens": self.tokens,
+            "plain": self.plain,
+        }
 
 
 def tf_peer_child(out_path: Path, new_tokens: int, runs: int) -> None:
@@ -353,8 +371,11 @@ def concurrency_failed(result: dict, mode: str, exc: Exception, server: Any) -> 
         server.stop()
 
 
-def server_runs(repository: Path, new_tokens: int, runs: int, seed_loop: bool) -> dict:
-    """a) and b) against a local Triton serving ``repository``."""
+def server_runs(
+    repository: Path, new_tokens: int, runs: int, seed_loop: bool, between: Any = None
+) -> dict:
+    """a) and b) against a local Triton serving ``repository``; ``between()`` (c) and c0):
+    :class:`FloorRuns`) after each b) call, the server idle meanwhile."""
     import requests
 
     from tutorial.client import next_token_requests
@@ -387,6 +408,8 @@ def server_runs(repository: Path, new_tokens: int, runs: int, seed_loop: bool) -
             total, tokens = generate_call(server.url, PROMPT, new_tokens)
             firsts.append(first)
             totals.append(total)
+            if between is not None:
+                between()
         decode = [(t - f) / (new_tokens - 1) for t, f in zip(totals, firsts)]
         out["generate"] = {
             "totals_s": totals,
@@ -479,22 +502,24 @@ def main() -> None:
     )
 
     res: dict = {"fp32": {}, "int8": {}}
-    stage("c) the server's engine in-process, and c0) a plain loop, fp32 ...")
-    res["fp32"]["floor"] = floor_run(Path(onnx["with_past"]), prompt_ids, n, runs)
     tf = None
     if not args.skip_tf:
         stage("TF generate() peer, in a child process ...")
         tf = tf_peer(n, runs, paths["logs_dir"] / "bench_tf_peer.log")
-    stage("a) + b) local Triton fp32 ...")
-    res["fp32"].update(server_runs(paths["repository"], n, runs, seed_loop=True))
+    stage("a) + b) local Triton fp32, and after each b) call c) the engine in-process, c0) ...")
+    floor = FloorRuns(Path(onnx["with_past"]), prompt_ids, n)
+    try:
+        res["fp32"].update(
+            server_runs(paths["repository"], n, runs, seed_loop=True, between=floor.one)
+        )
+    finally:
+        res["fp32"]["floor"] = floor.close()
     variants = ["fp32"]
     if not args.skip_int8 and onnx.get("with_past_int8"):
         variants.append("int8")
         weight_bytes["int8"] = export.weight_bytes_read_per_step(Path(onnx["with_past_int8"]))[
             "read_per_step"
         ]
-        stage("c) the server's engine in-process, and c0) a plain loop, int8 ...")
-        res["int8"]["floor"] = floor_run(Path(onnx["with_past_int8"]), prompt_ids, n, runs)
         from tutorial.repository import assemble_repository
 
         with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
@@ -504,8 +529,12 @@ def main() -> None:
                 paths["vocab_dir"],
                 {"gpt2": paths["onnx_last"], "gpt2_with_past": Path(onnx["with_past_int8"])},
             )
-            stage("b) local Triton int8 ...")
-            res["int8"].update(server_runs(repo, n, runs, seed_loop=False))
+            stage("b) local Triton int8, and after each call c) and c0) in-process ...")
+            floor = FloorRuns(Path(onnx["with_past_int8"]), prompt_ids, n)
+            try:
+                res["int8"].update(server_runs(repo, n, runs, seed_loop=False, between=floor.one))
+            finally:
+                res["int8"]["floor"] = floor.close()
     conc = None
     if not args.skip_concurrency:
         import zipfile

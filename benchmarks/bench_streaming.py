@@ -265,9 +265,10 @@ def main() -> None:
         "--long-chunks",
         type=chunk_setting,
         nargs="+",
-        default=[(0, 0.0), (32, 0.0), (128, 0.0)],
+        default=[(0, 0.0), (32, 0.0), (32, 0.75)],
         help="CHUNK or CHUNK:SHARE settings (prefill_chunk, prefill_chunk_share) for the "
-        "long-prompt runs (0: chunked prefill off); default: 0 32 128 (32: the committed one)",
+        "long-prompt runs (0: chunked prefill off); default: 0 32 32:0.75 (32:0.75: the "
+        "committed one)",
     )
     parser.add_argument("--sweep-max-batch", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--sweep-clients", type=int, nargs="+", default=[1, 8, 16, 32])
