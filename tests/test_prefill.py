@@ -93,6 +93,25 @@ class Collect:
         assert not engine.thread.is_alive()
 
 
+def long_prompt_after_decoders(engine, jobs, tok, decoders, long, submit_first=False):
+    """The decoders (prompt, max new tokens) submitted (before the engine starts with
+    ``submit_first``), then, once each has made 5 tokens, ``long``; every request's tokens
+    when all are answered: the decoders' in order, then the long one's."""
+    if not submit_first:
+        engine.start()
+    for i, (prompt, max_new) in enumerate(decoders):
+        engine.submit(jobs.job(i, tok(prompt)["input_ids"], max_new))
+    if submit_first:
+        engine.start()
+    deadline = time.monotonic() + 60
+    while min(len(jobs.tokens[i]) for i in range(len(decoders))) < 5:  # all are decoding
+        assert time.monotonic() < deadline, "the decoders did not start"
+        time.sleep(0.001)
+    engine.submit(jobs.job("long", tok(long[0])["input_ids"], long[1]))
+    jobs.wait(engine)
+    return [jobs.tokens[i] for i in range(len(decoders))] + [jobs.tokens["long"]]
+
+
 def prompt_of(tok, tokens: int) -> str:
     """A text of exactly ``tokens`` tokens."""
     text = " ".join(["Once upon a time, a dog barked at the moon."] * (tokens // 4 + 2))
@@ -170,16 +189,7 @@ def test_a_long_prompt_arriving_while_others_decode(step, tiny_reference):
     expected = [reference_generate(tf_model, tok, p, n) for p, n in [*decoders, long]]
     deltas: list[dict] = []
     engine, jobs = make(CHUNK, publish=deltas.append), Collect(module)
-    engine.start()
-    for i, (prompt, max_new) in enumerate(decoders):
-        engine.submit(jobs.job(i, tok(prompt)["input_ids"], max_new))
-    deadline = time.monotonic() + 60
-    while min(len(jobs.tokens[i]) for i in range(3)) < 5:  # all three are decoding
-        assert time.monotonic() < deadline, "the decoders did not start"
-        time.sleep(0.001)
-    engine.submit(jobs.job("long", tok(long[0])["input_ids"], long[1]))
-    jobs.wait(engine)
-    assert [jobs.tokens[i] for i in range(3)] + [jobs.tokens["long"]] == expected
+    assert long_prompt_after_decoders(engine, jobs, tok, decoders, long) == expected
     assert len(jobs.tokens[0]) == 60  # the decoders outlived the long prompt's prefill
     order = [key for d in deltas for key in ("prefill_chunks", "steps") if d.get(key)]
     assert order.count("prefill_chunks") == 13
@@ -236,16 +246,9 @@ def test_chunks_sized_to_a_share_of_a_decode_step(step, tiny_reference):
 
     engine = make(64, wrap=wrap, chunk_share=0.5, clock=lambda: timed[0].clock())
     jobs = Collect(module)
-    for i, (prompt, max_new) in enumerate(decoders):  # one prefill call of three rows
-        engine.submit(jobs.job(i, tok(prompt)["input_ids"], max_new))
-    engine.start()
-    deadline = time.monotonic() + 60
-    while min(len(jobs.tokens[i]) for i in range(3)) < 5:  # all three are decoding
-        assert time.monotonic() < deadline, "the decoders did not start"
-        time.sleep(0.001)
-    engine.submit(jobs.job("long", tok(long[0])["input_ids"], long[1]))
-    jobs.wait(engine)
-    assert [jobs.tokens[i] for i in range(3)] + [jobs.tokens["long"]] == expected
+    # the decoders submitted before the engine starts: one prefill call of three rows
+    tokens = long_prompt_after_decoders(engine, jobs, tok, decoders, long, submit_first=True)
+    assert tokens == expected
     assert timed[0].chunks == [16, 20, 20, 20, 20, 4]
     assert engine.counters["chunk_steps"] == (6 if engine.runner.two_groups else 0)
 
