@@ -73,19 +73,20 @@ def main() -> None:
         past_dims = next(i.shape for i in ort_session(model).get_inputs() if i.name == "past")
         n_layer, n_head, head_dim = past_dims[0], past_dims[3], past_dims[5]
         with tempfile.TemporaryDirectory(prefix="cache-layout-", dir=workdir()) as folder:
-            runners = {"exported": module.SessionRunner(model, args.threads, device="cpu")}
-            unsimplified = Path(folder) / "unsimplified"
-            unsimplified.mkdir()
-            runners["unsimplified"] = module.SessionRunner(
-                engine_copy(model, unsimplified, simplify=False), args.threads, device="cpu"
-            )
-            runners["engine's"] = module.SessionRunner(
-                engine_copy(model, Path(folder)), args.threads, device="cpu"
-            )
+            runners = {
+                "exported": module.SessionRunner(model, args.threads, device="cpu"),
+                "engine's": module.SessionRunner(
+                    engine_copy(model, Path(folder)), args.threads, device="cpu"
+                ),
+            }
             for runner in runners.values():
                 runner.open(gpu_present=False)
-            if runners["unsimplified"].two_groups is False:  # int8: simplified when made
-                del runners["unsimplified"]
+            if runners["engine's"].two_groups:  # fp32 (int8 was simplified when made)
+                unsimplified = Path(folder) / "unsimplified"
+                unsimplified.mkdir()
+                path = engine_copy(model, unsimplified, simplify=False)
+                runner = module.SessionRunner(path, args.threads, device="cpu")
+                runners["unsimplified"] = runner.open(gpu_present=False)
             cases = [("decode", rows, 1, length) for rows, length in DECODE]
             cases += [("chunk", 1, chunk, length) for chunk, length in CHUNKS]
             cases += [("prefill", rows, new, 0) for rows, new in PREFILLS]

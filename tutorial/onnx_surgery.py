@@ -6,6 +6,7 @@ plus one while a file is written).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -805,6 +806,7 @@ def share_shape_inputs(model: Any, shapes: dict[str, tuple]) -> int:
     graph = model.graph
     producers = _producers(graph)
 
+    @functools.cache
     def group(name: str) -> Any:
         behind = _graph_inputs_behind(graph, name, producers)
         return None if behind is None else frozenset(i.startswith(CHUNK) for i in behind)
